@@ -1,0 +1,39 @@
+"""Input checks shared by the public modules: each raises with a message naming the argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_ndim(name: str, value: Tensor, ndims: tuple[int, ...], layout: str) -> None:
+    check_tensor(name, value)
+    if value.ndim not in ndims:
+        raise ValueError(f"{name} must have shape {layout}, got a {value.ndim}-d tensor of shape {tuple(value.shape)}")
+
+
+def check_last_dim(name: str, value: Tensor, expected: int) -> None:
+    if value.shape[-1] != expected:
+        raise ValueError(f"{name} must have feature size {expected} in its last dimension, got {value.shape[-1]}")
+
+
+def check_bool(name: str, value: Tensor) -> None:
+    check_tensor(name, value)
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = present), got dtype {value.dtype}")
+
+
+def check_shape(name: str, value: Tensor, expected: tuple[int, ...], layout: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def check_same_device(name: str, value: Tensor, reference_name: str, reference: Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")

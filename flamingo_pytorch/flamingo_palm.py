@@ -1,0 +1,222 @@
+"""FlamingoPaLM: a frozen image encoder, a Perceiver Resampler, and gated cross-attention
+blocks interleaved with a PaLM decoder.
+
+Shapes:
+    b batch, n text length, t media items, f video frames, c channels, H x W pixels,
+    p patches per image, m latents per media item, d model width, e media width, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from flamingo_pytorch._validation import check_bool, check_ndim, check_same_device, check_shape, check_tensor
+from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+from flamingo_pytorch.palm import PaLM
+from flamingo_pytorch.perceiver import PerceiverResampler
+
+
+class FlamingoPaLM(nn.Module):
+    """PaLM with Flamingo's visual side.
+
+    A ``GatedCrossAttentionBlock`` sits before decoder layers 0, N, 2N, ... (N = ``cross_attn_every``),
+    so each chosen frozen layer reads the media first, as in the paper. Passing media to ``forward``
+    freezes the language model and trains only the resampler and the gated blocks; text-only calls
+    train the language model. The image encoder is never trained and always stays in eval mode.
+
+    Args:
+        num_tokens: vocabulary size.
+        dim: model width d.
+        depth: number of PaLM layers.
+        dim_head: width of each attention head.
+        heads: number of attention heads.
+        ff_mult: feed-forward widening factor.
+        media_token_id: the token that marks where a media item appears in the text.
+        cross_attn_every: a gated cross-attention block before every this many layers.
+        img_encoder: module mapping images (B, c, H, W) to features (B, p, e); optional when
+            ``image_embeds`` are passed instead.
+        perceiver_num_latents: latents per media item m.
+        perceiver_depth: Perceiver Resampler depth.
+        perceiver_num_time_embeds: the most media items per sample.
+        max_video_frames: the most frames per video; None disables ``videos``.
+        only_attend_immediate_media: each token reads only the most recent media item.
+        media_dim: image feature width e, when it differs from ``dim``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        media_token_id: int = 3,
+        cross_attn_every: int = 3,
+        img_encoder: nn.Module | None = None,
+        perceiver_num_latents: int = 64,
+        perceiver_depth: int = 2,
+        perceiver_num_time_embeds: int = 4,
+        max_video_frames: int | None = None,
+        only_attend_immediate_media: bool = True,
+        media_dim: int | None = None,
+    ):
+        super().__init__()
+        if cross_attn_every < 1:
+            raise ValueError(f"cross_attn_every must be >= 1, got {cross_attn_every}")
+        if not 0 <= media_token_id < num_tokens:
+            raise ValueError(f"media_token_id must be in [0, num_tokens={num_tokens}), got {media_token_id}")
+        media_dim = dim if media_dim is None else media_dim
+        self.media_token_id = media_token_id
+        self.cross_attn_every = cross_attn_every
+        self.palm = PaLM(num_tokens=num_tokens, dim=dim, depth=depth, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
+        self.perceiver_resampler = PerceiverResampler(
+            dim=media_dim,
+            depth=perceiver_depth,
+            dim_head=dim_head,
+            heads=heads,
+            num_latents=perceiver_num_latents,
+            num_time_embeds=perceiver_num_time_embeds,
+            num_frame_embeds=max_video_frames,
+        )
+        self.gated_cross_attn = nn.ModuleList(
+            GatedCrossAttentionBlock(
+                dim=dim,
+                dim_head=dim_head,
+                heads=heads,
+                ff_mult=ff_mult,
+                only_attend_immediate_media=only_attend_immediate_media,
+                media_dim=media_dim,
+            )
+            for _ in range(0, depth, cross_attn_every)
+        )
+        self.img_encoder = img_encoder
+        if img_encoder is not None:
+            img_encoder.requires_grad_(False)
+            img_encoder.eval()
+
+    def train(self, mode: bool = True) -> FlamingoPaLM:
+        super().train(mode)
+        if self.img_encoder is not None:
+            self.img_encoder.eval()  # frozen, so its dropout and norm statistics never switch to training
+        return self
+
+    def flamingo_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters trained in flamingo mode: the resampler's and the gated blocks'.
+
+        Build the optimizer for Flamingo training from these alone: an optimizer that also holds
+        the frozen weights would still move them through weight decay and momentum.
+        """
+        yield from self.perceiver_resampler.parameters()
+        yield from self.gated_cross_attn.parameters()
+
+    def set_flamingo_mode(self, flamingo: bool) -> None:
+        """Freeze the language model (True) or make it trainable again (False).
+
+        ``forward`` calls this itself: with media, only ``flamingo_parameters()`` train.
+        """
+        self.palm.requires_grad_(not flamingo)
+        for param in self.flamingo_parameters():
+            param.requires_grad_(True)
+
+    def forward(
+        self,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Next-token logits for text, reading the media wherever ``media_token_id`` appears.
+
+        Args:
+            text: (b, n) token ids.
+            images: (b, t, c, H, W), encoded by ``img_encoder``.
+            image_embeds: (b, t, p, e) precomputed image features (skip the encoder).
+            videos: (b, t, f, c, H, W), encoded frame by frame (needs ``max_video_frames``).
+            time_mask: (b, t) bool, True for real media items, False for padding.
+
+        Returns:
+            (b, n, num_tokens) logits.
+        """
+        self.check_text(text)
+        media = self.encode_media(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        self.set_flamingo_mode(media is not None)
+        return self.decode(text, media, time_mask)
+
+    def check_text(self, text: Tensor) -> None:
+        check_ndim("text", text, (2,), "(batch, text length)")
+        if text.dtype.is_floating_point or text.dtype == torch.bool:
+            raise TypeError(f"text must hold integer token ids, got dtype {text.dtype}")
+
+    def encode_media(
+        self,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+    ) -> Tensor | None:
+        """Check the media against ``text`` and resample them: -> (b, t, m, e) latents, or None."""
+        candidates = (("images", images), ("image_embeds", image_embeds), ("videos", videos))
+        given = {name: value for name, value in candidates if value is not None}
+        if len(given) > 1:
+            raise ValueError(f"pass at most one of images, image_embeds and videos, got {' and '.join(given)}")
+        if not given:
+            if time_mask is not None:
+                raise ValueError("time_mask was given without images, image_embeds or videos")
+            return None
+        ((name, media),) = given.items()
+        layout = {"images": "(b, t, c, H, W)", "image_embeds": "(b, t, p, e)", "videos": "(b, t, f, c, H, W)"}[name]
+        check_ndim(name, media, ({"images": 5, "image_embeds": 4, "videos": 6}[name],), layout)
+        check_same_device(name, media, "text", text)
+        b, t = media.shape[:2]
+        if b != text.shape[0]:
+            raise ValueError(f"{name} has batch {b} but text has batch {text.shape[0]}")
+        if t > self.perceiver_resampler.num_time_embeds:
+            raise ValueError(
+                f"{name} has {t} media items per sample but perceiver_num_time_embeds="
+                f"{self.perceiver_resampler.num_time_embeds}"
+            )
+        if time_mask is not None:
+            check_bool("time_mask", time_mask)
+            check_shape("time_mask", time_mask, (b, t), "(batch, media items)")
+            check_same_device("time_mask", time_mask, "text", text)
+        if name == "videos" and self.perceiver_resampler.frame_embeds is None:
+            raise ValueError("videos need a model built with max_video_frames")
+        features = media if name == "image_embeds" else self.encode_pixels(name, media)
+        return self.perceiver_resampler(features)  # (b, t, m, e)
+
+    def encode_pixels(self, name: str, pixels: Tensor) -> Tensor:
+        """Run the frozen img_encoder on (b, t, [f,] c, H, W) -> (b, t, [f,] p, e)."""
+        if self.img_encoder is None:
+            raise ValueError(f"{name} need an img_encoder: pass img_encoder= to FlamingoPaLM, or pass image_embeds")
+        leading = pixels.shape[:-3]  # (b, t) or (b, t, f)
+        with torch.no_grad():
+            features = self.img_encoder(pixels.reshape(-1, *pixels.shape[-3:]))  # (b t [f], p, e)
+        check_tensor("img_encoder output", features)
+        if features.ndim == 2:
+            features = rearrange(features, "B e -> B 1 e")  # a pooled encoder gives one feature per image
+        if features.ndim != 3:
+            raise ValueError(
+                f"img_encoder must map (B, c, H, W) to (B, p, e) features, got shape {tuple(features.shape)}"
+            )
+        return features.reshape(*leading, *features.shape[1:])
+
+    def decode(self, text: Tensor, media: Tensor | None, time_mask: Tensor | None = None) -> Tensor:
+        """Run the decoder with gated cross-attention to resampled media (b, t, m, e) -> logits."""
+        x = self.palm.token_emb(text)  # (b, n, d)
+        cos, sin = self.palm.rotary(torch.arange(text.shape[1], device=text.device))
+        media_locations = text == self.media_token_id  # (b, n)
+        for i, layer in enumerate(self.palm.layers):
+            if media is not None and i % self.cross_attn_every == 0:
+                x = self.gated_cross_attn[i // self.cross_attn_every](x, media, media_locations, time_mask)
+            x = layer(x, cos, sin)
+        return self.palm.to_logits(self.palm.norm(x))

@@ -1,0 +1,121 @@
+"""The PaLM decoder that Flamingo freezes: parallel attention + feed-forward blocks.
+
+Shapes:
+    b batch, n text length, d width, h query heads, k head width, f feed-forward width.
+
+PaLM's choices, all kept here: pre-norm parallel blocks (attention and feed-forward read the
+same normalised input and are summed), multi-query attention (h query heads share one key head
+and one value head, which makes the decoding cache h times smaller), rotary position embeddings,
+a SwiGLU feed-forward, LayerNorm without bias, no biases anywhere, and the input embedding tied
+to the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding. Angles are computed in float32 whatever the model's dtype
+    (in bfloat16, positions above 256 would round onto each other)."""
+
+    def __init__(self, dim_head: int, base: float = 10000.0):
+        super().__init__()
+        self.dim_head = dim_head
+        self.base = base
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (n,) or (b, n) integers -> cos, sin, each (n, k) or (b, 1, n, k) float32."""
+        exponents = torch.arange(0, self.dim_head, 2, device=positions.device, dtype=torch.float32)
+        inv_freq = self.base ** (-exponents / self.dim_head)  # (k/2,)
+        angles = positions.float()[..., None] * inv_freq  # (..., n, k/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (..., n, k)
+        if angles.ndim == 3:
+            angles = rearrange(angles, "b n k -> b 1 n k")
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (..., n, k) by the angles behind cos, sin; computed in float32."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)  # (..., n, k)
+    return (x32 * cos + rotated_half * sin).to(x.dtype)
+
+
+class ParallelTransformerBlock(nn.Module):
+    """``x + attn(norm(x)) + ffw(norm(x))`` with multi-query causal attention and SwiGLU.
+
+    One fused bias-free projection produces the h query heads, the single key head, the single
+    value head and the two SwiGLU inputs.
+    """
+
+    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.heads = heads
+        attn_inner, ff_inner = dim_head * heads, dim * ff_mult
+        self.split_sizes = (attn_inner, dim_head, dim_head, ff_inner, ff_inner)
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.fused_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
+        self.attn_out = nn.Linear(attn_inner, dim, bias=False)
+        self.ff_out = nn.Linear(ff_inner, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (b, n, d), rotary cos/sin for its positions -> (b, n, d)."""
+        q, k, v, ff = self.project(x, cos, sin)
+        out = self.attend(q, k, v)
+        return x + self.attn_out(out) + ff
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
+        q, k, v, ff_value, ff_gate = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
+        q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
+        k, v = (rearrange(z, "b n k -> b 1 n k") for z in (k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ff = self.ff_out(ff_value * F.silu(ff_gate))  # SwiGLU
+        return q, k, v, ff
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Multi-query attention: q (b, h, n, k) over k, v (b, 1, j, k) -> (b, n, h k).
+
+        Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
+        """
+        k, v = (z.expand(-1, q.shape[1], -1, -1) for z in (k, v))  # (b, h, j, k), a view
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return rearrange(out, "b h n k -> b n (h k)")
+
+
+class PaLM(nn.Module):
+    """A PaLM-style decoder-only language model.
+
+    Args:
+        num_tokens: vocabulary size.
+        dim: model width.
+        depth: number of parallel transformer blocks.
+        dim_head: width of each attention head.
+        heads: number of query heads (keys and values have one head).
+        ff_mult: SwiGLU widening factor.
+    """
+
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.rotary = RotaryEmbedding(dim_head)
+        self.layers = nn.ModuleList(
+            ParallelTransformerBlock(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self.to_logits.weight = self.token_emb.weight  # tied
+
+    def forward(self, text: Tensor) -> Tensor:
+        """text (b, n) token ids -> logits (b, n, num_tokens)."""
+        x = self.token_emb(text)
+        cos, sin = self.rotary(torch.arange(text.shape[1], device=text.device))
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.to_logits(self.norm(x))

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="flamingo-pytorch",
+    version="0.2.0",
+    description="Flamingo (Alayrac et al., 2022) in PyTorch: Perceiver Resampler, gated cross-attention, FlamingoPaLM",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    url="https://github.com/lucidrains/flamingo-pytorch",
+    packages=find_packages(include=["flamingo_pytorch", "flamingo_pytorch.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "einops>=0.7", "einops-exts"],
+    extras_require={
+        "vit": ["vit-pytorch"],
+        "examples": ["tqdm", "matplotlib", "safetensors"],
+        "test": ["pytest", "ruff"],
+    },
+    keywords=["artificial intelligence", "deep learning", "visual language model", "few-shot", "flamingo"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
