@@ -1,0 +1,50 @@
+"""Shared tiny configurations: fixed seeds, sizes small enough for two CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops.layers.torch import Rearrange
+from torch import nn
+
+from flamingo_pytorch import FlamingoPaLM
+
+TINY = dict(
+    num_tokens=64,
+    dim=32,
+    depth=4,
+    dim_head=8,
+    heads=4,
+    ff_mult=2,
+    media_token_id=3,
+    cross_attn_every=2,
+    perceiver_num_latents=4,
+    perceiver_depth=1,
+    perceiver_num_time_embeds=4,
+    max_video_frames=3,
+)
+IMAGE_SIZE = 8  # tiny images: (3, 8, 8) -> 4 patches of width 32
+
+
+def tiny_image_encoder(dim: int = 32) -> nn.Module:
+    """A patch embedding: (B, 3, 8, 8) -> (B, 4, dim)."""
+    return nn.Sequential(nn.Conv2d(3, dim, kernel_size=4, stride=4), Rearrange("B e h w -> B (h w) e"))
+
+
+def open_gates(model: nn.Module, value: float = 1.0) -> None:
+    """Set every tanh gate to ``value`` so the media actually reach the text."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("attn_gate") or name.endswith("ff_gate"):
+                param.fill_(value)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_model() -> FlamingoPaLM:
+    torch.manual_seed(0)
+    return FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder()).eval()
