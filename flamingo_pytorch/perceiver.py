@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_last_dim, check_ndim
+from flamingo_pytorch._validation import check_last_dim, check_ndim, check_tensor
 from flamingo_pytorch.feed_forward import FeedForward
 
 
@@ -123,6 +123,7 @@ class PerceiverResampler(nn.Module):
 
     def _add_frame_embeds(self, media: Tensor) -> Tensor:
         """Bring media to (b, t, p', d): add a time axis to 3-d input, fold video frames into p'."""
+        check_tensor("media", media)
         ndims, layout = (3, 4), "(b, p, d) or (b, t, p, d)"
         if self.frame_embeds is not None:
             ndims, layout = (3, 4, 5), "(b, p, d), (b, t, p, d) or (b, t, f, p, d)"
