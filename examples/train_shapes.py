@@ -41,6 +41,7 @@ from shapes_dataset import ANSWER_OFFSET, Batch, make_batch, make_labelled_image
 from shapes_encoder import AttributeClassifier, ShapesEncoder, attribute_loss
 from shapes_eval import answer_slots, evaluate, format_table
 from shapes_plots import save_figure
+from word_tokenizer import WordTokenizer
 
 from flamingo_pytorch import FlamingoPaLM
 
@@ -154,6 +155,7 @@ def train_stage(
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients left on weights a later stage freezes
     return losses
 
 
@@ -167,49 +169,71 @@ def build_model(config: dict, encoder: nn.Module) -> FlamingoPaLM:
     return FlamingoPaLM(**config, img_encoder=encoder)
 
 
+def model_config(tokenizer: WordTokenizer) -> dict:
+    """FlamingoPaLM's keyword arguments for the shapes task."""
+    return dict(
+        MODEL, num_tokens=len(tokenizer), media_token_id=tokenizer.image_id, perceiver_num_time_embeds=NUM_IMAGES
+    )
+
+
 def train(args: argparse.Namespace, runtime: Runtime) -> tuple[FlamingoPaLM, dict, dict[str, list[float]]]:
     """The three stages; -> the trained model, its config and the loss curves."""
     tokenizer = make_tokenizer()
-    config = dict(MODEL, num_tokens=len(tokenizer), media_token_id=tokenizer.image_id)
-    config["perceiver_num_time_embeds"] = NUM_IMAGES
+    config = model_config(tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     data = torch.Generator().manual_seed(1000 * args.seed + runtime.rank)  # different data on every rank
-    losses = {}
-
     encoder = ShapesEncoder(dim=config["dim"]).to(runtime.device)
+    losses = {"encoder": pretrain_encoder(encoder, args.steps, data, runtime)}
+    model = build_model(config, encoder).to(runtime.device)  # freezes the encoder
+    losses["lm"] = pretrain_language_model(model, max(1, args.steps // 2), tokenizer, data, runtime)
+    losses["flamingo"] = train_flamingo(model, args.steps, tokenizer, data, runtime)
+    return model, config, losses
+
+
+def pretrain_encoder(encoder: ShapesEncoder, steps: int, data: torch.Generator, runtime: Runtime) -> list[float]:
+    """Stage 1b: the encoder and a throwaway attribute head, on single labelled images."""
     classifier = AttributeClassifier(encoder).to(runtime.device)
-    losses["encoder"] = train_stage(
+    return train_stage(
         "1b image encoder",
         classifier,
         list(classifier.parameters()),
         attribute_loss,
         lambda: make_labelled_images(BATCH_SIZE, data),
-        args.steps,
+        steps,
         6e-3,
         runtime,
     )
 
-    model = build_model(config, encoder).to(runtime.device)  # freezes the encoder
+
+def pretrain_language_model(
+    model: FlamingoPaLM, steps: int, tokenizer: WordTokenizer, data: torch.Generator, runtime: Runtime
+) -> list[float]:
+    """Stage 1: the PaLM decoder on the question/answer text alone, image tokens included.
+
+    Only ``model.palm`` goes to DDP: the resampler and gated blocks take no part in a text-only
+    pass, and DDP would wait for their gradients.
+    """
     model.set_flamingo_mode(False)
-    losses["lm"] = train_stage(
+    return train_stage(
         "1  language model",
-        model.palm,  # text only: the resampler and gated blocks take no part, so DDP must not hold them
+        model.palm,
         list(model.palm.parameters()),
         lambda palm, text: next_token_loss(palm(text), text),
         lambda: (make_batch(BATCH_SIZE, NUM_IMAGES, tokenizer, data).text,),
-        max(1, args.steps // 2),
+        steps,
         3e-3,
         runtime,
     )
 
-    losses["flamingo"] = train_flamingo(model, args.steps, tokenizer, data, runtime)
-    return model, config, losses
-
 
 def train_flamingo(
-    model: FlamingoPaLM, steps: int, tokenizer, data: torch.Generator, runtime: Runtime, lr: float = 2e-3
+    model: FlamingoPaLM, steps: int, tokenizer: WordTokenizer, data: torch.Generator, runtime: Runtime
 ) -> list[float]:
-    """Stage 2: freeze the language model first, so only flamingo_parameters() reach DDP and the optimizer."""
+    """Stage 2: few-shot image/text sequences; only the resampler and gated blocks train.
+
+    The language model is frozen *before* DDP wraps the model, so DDP registers exactly
+    ``flamingo_parameters()`` (it syncs the parameters that require grad when it is built).
+    """
     model.set_flamingo_mode(True)
 
     def next_batch() -> tuple[Tensor, Tensor]:
@@ -223,7 +247,7 @@ def train_flamingo(
         lambda net, text, images: next_token_loss(net(text, images), text),
         next_batch,
         steps,
-        lr,
+        2e-3,
         runtime,
     )
 
