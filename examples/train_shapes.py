@@ -322,10 +322,11 @@ def main(argv: list[str] | None = None) -> dict:
                 save_checkpoint(args.out / CHECKPOINT, model, config, losses)
                 print(f"saved {args.out / CHECKPOINT}")
             results = report(model, losses, args, runtime)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0's evaluation
         return results
     finally:
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
 
 

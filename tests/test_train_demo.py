@@ -132,6 +132,9 @@ def test_demo_trains_saves_reloads_and_reproduces_its_accuracy(tmp_path, small_e
     assert all(not p.requires_grad for p in model.img_encoder.parameters())
 
 
-def test_demo_runs_with_bf16_autocast(tmp_path, small_eval):
+def test_demo_runs_with_bf16_autocast(tmp_path, small_eval, tiny_model):
+    runtime = train_shapes.Runtime(rank=0, world_size=1, device=torch.device("cpu"), amp=True)
+    with runtime.autocast():
+        assert tiny_model(torch.randint(0, 64, (1, 6))).dtype == torch.bfloat16
     results = train_shapes.main(["--steps", "4", "--amp", "--out", str(tmp_path)])
     assert 0.0 <= results["images"]["all"] <= 1.0
