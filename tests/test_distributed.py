@@ -14,10 +14,14 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+pytest.importorskip("tqdm")  # the demo's progress bar
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 

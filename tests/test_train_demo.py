@@ -86,6 +86,12 @@ def test_greedy_decode_appends_the_argmax_of_a_full_forward(tiny_model):
     assert torch.equal(generated, tokens[:, 5:])
 
 
+def test_text_only_flamingo_is_its_language_model(tiny_model):
+    """Stage 1 trains ``model.palm`` directly (so DDP holds only its parameters): it must be ``model(text)``."""
+    text = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(tiny_model.palm(text), tiny_model(text), rtol=0, atol=0)
+
+
 def test_rolled_images_show_each_slot_another_slots_image():
     images = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1, 1, 1)
     rolled = show_images(images, "rolled")
@@ -108,6 +114,8 @@ def test_eval_only_needs_a_checkpoint():
 @pytest.fixture
 def small_eval(monkeypatch):
     """A smaller held-out set; and the thread count back as it was (main() sets it to 1 on CPU)."""
+    for module in ("tqdm", "matplotlib", "safetensors"):  # the demo's optional dependencies
+        pytest.importorskip(module)
     monkeypatch.setattr(train_shapes, "EVAL_SEQUENCES", 128)
     threads = torch.get_num_threads()
     yield
