@@ -118,7 +118,9 @@ class FlamingoPaLM(nn.Module):
     def set_flamingo_mode(self, flamingo: bool) -> None:
         """Freeze the language model (True) or make it trainable again (False).
 
-        ``forward`` calls this itself: with media, only ``flamingo_parameters()`` train.
+        ``forward`` calls this itself whenever gradients are enabled: with media, only
+        ``flamingo_parameters()`` train; with text alone, the language model trains too. Under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` a forward changes no ``requires_grad``.
         """
         self.palm.requires_grad_(not flamingo)
         for param in self.flamingo_parameters():
@@ -147,7 +149,8 @@ class FlamingoPaLM(nn.Module):
         """
         self.check_text(text)
         media = self.encode_media(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
-        self.set_flamingo_mode(media is not None)
+        if torch.is_grad_enabled():  # evaluation under no_grad leaves the training setup alone
+            self.set_flamingo_mode(media is not None)
         return self.decode(text, media, time_mask)
 
     def check_text(self, text: Tensor) -> None:

@@ -98,6 +98,16 @@ def test_media_freeze_the_language_model_and_text_alone_unfreezes_it(tiny_model)
     assert all(param.grad is None for name, param in tiny_model.named_parameters() if name in encoder)
 
 
+def test_forward_without_gradients_leaves_freezing_alone(tiny_model):
+    tiny_model(prompt(), images())
+    frozen_setup = trainable(tiny_model)
+    with torch.no_grad():
+        tiny_model(prompt())  # e.g. a text-only evaluation during Flamingo training
+    with torch.inference_mode():
+        tiny_model(prompt())
+    assert trainable(tiny_model) == frozen_setup
+
+
 def test_image_encoder_stays_frozen_and_in_eval_mode():
     encoder = nn.Sequential(nn.Dropout(0.5), tiny_image_encoder())
     model = FlamingoPaLM(**TINY, img_encoder=encoder)
