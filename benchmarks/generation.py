@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,18 +82,10 @@ def run_ours(args, model_config: dict, perceiver_config: dict, cases: list) -> l
     rows = []
     for length, num_images in cases:
         text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config))
-        generate = model.generate
-
-        def cached():
-            return generate(text, image_embeds=embeds, max_new_tokens=args.new_tokens, temperature=0)
-
-        def uncached():
-            steps = args.uncached_steps
-            return generate(text, image_embeds=embeds, max_new_tokens=steps, temperature=0, use_cache=False)
-
-        def prefill():
-            return model.prefill(text, image_embeds=embeds, max_new_tokens=args.new_tokens)
-
+        media = dict(image_embeds=embeds, temperature=0)
+        cached = partial(model.generate, text, max_new_tokens=args.new_tokens, **media)
+        uncached = partial(model.generate, text, max_new_tokens=args.uncached_steps, use_cache=False, **media)
+        prefill = partial(model.prefill, text, image_embeds=embeds, max_new_tokens=args.new_tokens)
         cached_s = timed(cached, args.repeats)
         uncached_s = timed(uncached, 1)
         prefill_s = timed(prefill, args.repeats)
