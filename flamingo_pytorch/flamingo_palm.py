@@ -308,9 +308,18 @@ class FlamingoPaLM(nn.Module):
     ) -> GenerationState:
         """Append a turn, text (b, n) and optionally new media items, to ``state`` (in place; returned).
 
-        Only the new tokens and the new media run: the result, ``state.logits``, equals a full
-        ``forward`` over the whole conversation with every turn's media concatenated along t
-        (padded items included). Pass each media item in the turn whose text holds its media token.
+        Only the new tokens and the new media run: ``state.logits`` then equals, row by row, a full
+        ``forward`` over the whole conversation with that row's real media items in order (a row's
+        padded items of an earlier turn do not shift its later ones). Pass each media item in the
+        turn whose text holds its media token. A conversation that began with text only is
+        recomputed once when its first media item arrives (with media, the gated blocks' feed-forward
+        runs over every token). The cache grows by doubling when a turn outgrows it.
+
+        Args:
+            state: from ``prefill``.
+            text: (b, n) token ids of the new turn.
+            images, image_embeds, videos, time_mask: the turn's new media items, as in ``forward``.
+            attention_mask: (b, n) bool, False on left padding.
         """
         media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
         with generation.generation_mode(self):

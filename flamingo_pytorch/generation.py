@@ -40,8 +40,8 @@ class GenerationState:
         positions: (b,) long, the rotary position of each row's next real token.
         media_count: (b,) long, media tokens each row has seen.
         media_kv: per gated block, media keys and values (b, h, t, m, k) of all items so far, or None.
-        time_mask: (b, t) bool, False for padded items, or None when all are real.
-        num_media: t, media items so far (the next item's time index).
+        time_mask: (b, t) bool, False for padded items (None before the first item).
+        num_media: t, item slots so far.
         logits: (b, v) float logits for each row's next token.
     """
 
@@ -86,22 +86,41 @@ class GenerationState:
             new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
 
+    def items_per_row(self) -> Tensor:
+        """(b,) long: each row's media items up to its last real one; its next item takes the slot after."""
+        if self.num_media == 0:
+            return torch.zeros(self.batch, dtype=torch.long, device=self.valid.device)
+        slot = torch.arange(1, self.num_media + 1, device=self.valid.device)  # (t,)
+        return (self.time_mask * slot).amax(dim=1)
+
     def add_media(self, model: nn.Module, media: Tensor, time_mask: Tensor | None) -> None:
-        """Project resampled media (b, t, m, e) once for every gated block and append them along t."""
-        new_kv = [block.attn.project_media(media) for block in model.gated_cross_attn]
-        t = media.shape[1]
-        if self.time_mask is not None or time_mask is not None:
-            old = self.time_mask if self.time_mask is not None else self.valid.new_ones(self.batch, self.num_media)
-            new = time_mask if time_mask is not None else self.valid.new_ones(self.batch, t)
-            self.time_mask = torch.cat((old, new), dim=1)  # (b, t_old + t)
-        if self.media_kv is None:
-            self.media_kv = new_kv
-        else:
-            self.media_kv = [
-                (torch.cat((k0, k1), dim=2), torch.cat((v0, v1), dim=2))  # (b, h, t_old + t, m, k)
-                for (k0, v0), (k1, v1) in zip(self.media_kv, new_kv)
-            ]
-        self.num_media += t
+        """Project resampled media (b, t, m, e) once for every gated block and store them.
+
+        Row r's new items take the slots right after its last real item, so padded items that
+        ended an earlier turn do not shift the row's later items: each row's media tokens read
+        its own items in order, as they would if the row were alone.
+        """
+        b, t = media.shape[:2]
+        starts = self.items_per_row()  # (b,)
+        total, kept = int(starts.max()) + t, min(self.num_media, int(starts.max()))
+        rows = torch.arange(b, device=media.device)[:, None]  # (b, 1)
+        slots = starts[:, None] + torch.arange(t, device=media.device)  # (b, t)
+        mask = self.valid.new_zeros(b, total)  # (b, t_total)
+        if kept:
+            mask[:, :kept] = self.time_mask[:, :kept]
+        mask[rows, slots] = time_mask if time_mask is not None else True
+        stored = []
+        for j, block in enumerate(model.gated_cross_attn):
+            old_kv = self.media_kv[j] if self.media_kv is not None else (None, None)
+            pair = []
+            for old, new in zip(old_kv, block.attn.project_media(media)):  # (b, h, t, m, k) each
+                both = new.new_zeros(b, new.shape[1], total, *new.shape[3:])  # (b, h, t_total, m, k)
+                if kept:
+                    both[:, :, :kept] = old[:, :, :kept]
+                both[rows, :, slots] = rearrange(new, "b h t m k -> b t h m k")
+                pair.append(both)
+            stored.append(tuple(pair))
+        self.media_kv, self.time_mask, self.num_media = stored, mask, total
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only batch rows ``rows`` (b',) long, e.g. to stop spending compute on finished rows."""
@@ -237,7 +256,7 @@ def extend(
     check_same_device("text", text, "the state", state.valid)
     check_attention_mask(attention_mask, text)
     time_mask = media.get("time_mask")
-    resampled = model.encode_media(text, **media, time_offset=state.num_media)  # (b, t, m, e) or None
+    resampled = encode_new_media(model, state, text, media)  # (b, t, m, e) or None
     if resampled is not None:
         first_media = state.media_kv is None
         state.add_media(model, resampled, time_mask)
@@ -245,6 +264,25 @@ def extend(
             replay(model, state)
     forward_tokens(model, state, text, attention_mask)
     return state
+
+
+def encode_new_media(model: nn.Module, state: GenerationState, text: Tensor, media: dict) -> Tensor | None:
+    """Encode and resample a turn's media; each row's items get the time embeddings of their place
+    among that row's items (``items_per_row``), so rows with different counts are resampled apart."""
+    offsets = state.items_per_row()  # (b,)
+    groups = offsets.unique().tolist()
+    if len(groups) == 1 or all(value is None for value in media.values()):
+        return model.encode_media(text, **media, time_offset=groups[0])
+    resampled = None
+    for offset in groups:
+        rows = (offsets == offset).nonzero()[:, 0]
+        part = model.encode_media(
+            text[rows], **{name: None if v is None else v[rows] for name, v in media.items()}, time_offset=offset
+        )  # (b', t, m, e)
+        if resampled is None:
+            resampled = part.new_zeros(text.shape[0], *part.shape[1:])
+        resampled[rows] = part
+    return resampled
 
 
 def replay(model: nn.Module, state: GenerationState) -> None:

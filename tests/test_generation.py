@@ -129,6 +129,22 @@ def test_conversation_with_appended_images_matches_full_forward(model):
     assert state.num_media == 3
 
 
+def test_batched_conversation_rows_with_unequal_images_equal_rows_alone(model):
+    # Row 1 has one image fewer in turn 0 and one more in turn 2: padding ends its turn-0 items.
+    turns = [prompt(2, 6, media_at=(0, 3)), prompt(2, 3, media_at=(1,)), prompt(2, 4, media_at=(0,))]
+    turns[0][1, 3], turns[2][0, 0] = 9, 9
+    pixels = [images(2, 2), images(2, 1), images(2, 1)]
+    masks = [torch.tensor([[True, True], [True, False]]), None, torch.tensor([[False], [True]])]
+    state = model.prefill(turns[0], pixels[0], time_mask=masks[0])
+    for turn, turn_pixels, mask in zip(turns[1:], pixels[1:], masks[1:]):
+        model.extend(state, turn, turn_pixels, time_mask=mask)
+    for row in range(2):
+        real = [p[row, m[row]] if m is not None else p[row] for p, m in zip(pixels, masks)]  # each (t_i, c, H, W)
+        conversation = torch.cat([turn[row : row + 1] for turn in turns], dim=1)
+        alone = full_logits(model, conversation, images=torch.cat(real)[None])
+        torch.testing.assert_close(state.logits[row : row + 1], alone)
+
+
 def test_token_by_token_extend_matches_every_position(model):
     # Text first, the images later: the first image makes the state recompute its text-only past.
     text, pixels = prompt(1, 8, media_at=(2, 5)), images(1, 2)
