@@ -14,6 +14,15 @@ MEDIA = TINY["media_token_id"]
 STEPS = 6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine threads that wait on each other cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model() -> FlamingoPaLM:
     torch.manual_seed(0)
