@@ -11,7 +11,7 @@ from flamingo_pytorch import generation as generation_module
 from flamingo_pytorch.sampling import keep_top_k, keep_top_p, sample_next_token
 
 MEDIA = TINY["media_token_id"]
-STEPS = 6
+STEPS = 10
 
 
 @pytest.fixture(autouse=True)
