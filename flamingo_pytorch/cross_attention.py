@@ -209,3 +209,12 @@ class GatedCrossAttentionBlock(nn.Module):
         """Same arguments as ``MaskedCrossAttention.forward``; returns (b, n, d)."""
         x = x + self.attn_gate.tanh() * self.attn(x, media, media_locations, time_mask)
         return x + self.ff_gate.tanh() * self.ff(x)
+
+    def forward_projected(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+        """The block on media keys and values already projected by ``attn.project_media``, (b, h, t, m, k).
+
+        ``index`` (b, n) is each token's media index (see ``media_index``); decoding passes it
+        explicitly so that new tokens continue the count of the tokens before them.
+        """
+        x = x + self.attn_gate.tanh() * self.attn.attend(x, k, v, index, time_mask)
+        return x + self.ff_gate.tanh() * self.ff(x)

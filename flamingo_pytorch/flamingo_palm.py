@@ -14,10 +14,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from flamingo_pytorch import generation
 from flamingo_pytorch._validation import check_bool, check_ndim, check_same_device, check_shape, check_tensor
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+from flamingo_pytorch.generation import GenerationState
 from flamingo_pytorch.palm import PaLM
 from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.sampling import SamplingSettings
 
 
 class FlamingoPaLM(nn.Module):
@@ -166,8 +169,12 @@ class FlamingoPaLM(nn.Module):
         image_embeds: Tensor | None = None,
         videos: Tensor | None = None,
         time_mask: Tensor | None = None,
+        time_offset: int = 0,
     ) -> Tensor | None:
-        """Check the media against ``text`` and resample them: -> (b, t, m, e) latents, or None."""
+        """Check the media against ``text`` and resample them: -> (b, t, m, e) latents, or None.
+
+        ``time_offset`` counts the items that came before these ones (see ``extend``).
+        """
         candidates = (("images", images), ("image_embeds", image_embeds), ("videos", videos))
         given = {name: value for name, value in candidates if value is not None}
         if len(given) > 1:
@@ -183,9 +190,9 @@ class FlamingoPaLM(nn.Module):
         b, t = media.shape[:2]
         if b != text.shape[0]:
             raise ValueError(f"{name} has batch {b} but text has batch {text.shape[0]}")
-        if t > self.perceiver_resampler.num_time_embeds:
+        if time_offset + t > self.perceiver_resampler.num_time_embeds:
             raise ValueError(
-                f"{name} has {t} media items per sample but perceiver_num_time_embeds="
+                f"{name} brings the media items per sample to {time_offset + t} but perceiver_num_time_embeds="
                 f"{self.perceiver_resampler.num_time_embeds}"
             )
         if time_mask is not None:
@@ -195,7 +202,7 @@ class FlamingoPaLM(nn.Module):
         if name == "videos" and self.perceiver_resampler.frame_embeds is None:
             raise ValueError("videos need a model built with max_video_frames")
         features = media if name == "image_embeds" else self.encode_pixels(name, media)
-        return self.perceiver_resampler(features)  # (b, t, m, e)
+        return self.perceiver_resampler(features, time_offset=time_offset)  # (b, t, m, e)
 
     def encode_pixels(self, name: str, pixels: Tensor) -> Tensor:
         """Run the frozen img_encoder on (b, t, [f,] c, H, W) -> (b, t, [f,] p, e)."""
@@ -223,3 +230,121 @@ class FlamingoPaLM(nn.Module):
                 x = self.gated_cross_attn[i // self.cross_attn_every](x, media, media_locations, time_mask)
             x = layer(x, cos, sin)
         return self.palm.to_logits(self.palm.norm(x))
+
+    # -- generation: thin wrappers over flamingo_pytorch.generation ---------------------------------
+
+    def generate(
+        self,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue each prompt by ``max_new_tokens`` tokens, with key/value caches.
+
+        The media are encoded, resampled and projected to keys/values once; each new token then
+        costs one cached step. The media token is never sampled. Runs under
+        ``torch.inference_mode()``, restores train/eval mode, and leaves ``requires_grad`` alone.
+
+        Args:
+            text: (b, n) prompt token ids, left-padded when rows differ in length.
+            images, image_embeds, videos, time_mask: the prompt's media, as in ``forward``.
+            attention_mask: (b, n) bool, False on the left padding of shorter prompts. Padding
+                is invisible: each row generates what it would generate alone.
+            max_new_tokens: how many tokens to add.
+            temperature: softmax temperature; 0 is greedy decoding.
+            top_k: sample among the k most likely tokens only.
+            top_p: sample among the most likely tokens whose probability reaches top_p.
+            eos_token_id: a row that emits it is finished; its later tokens are ``pad_token_id``.
+            pad_token_id: filler after ``eos_token_id``.
+            use_cache: False re-runs the whole model on the whole sequence for every token.
+            generator: a torch.Generator, for reproducible sampling.
+
+        Returns:
+            (b, n + max_new_tokens) long: the prompt, then the new tokens.
+        """
+        media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
+        return generation.generate(self, text, media, attention_mask, settings, use_cache)
+
+    def prefill(
+        self,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 0,
+    ) -> GenerationState:
+        """Start a conversation: run the prompt once and keep its caches -> a ``GenerationState``.
+
+        Arguments as in ``generate``; ``max_new_tokens`` only sizes the cache (it grows if needed).
+        ``state.logits`` (b, num_tokens) holds the next-token logits.
+        """
+        media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        with generation.generation_mode(self):
+            return generation.prefill(self, text, media, attention_mask, max_new_tokens)
+
+    def extend(
+        self,
+        state: GenerationState,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> GenerationState:
+        """Append a turn, text (b, n) and optionally new media items, to ``state`` (in place; returned).
+
+        Only the new tokens and the new media run: ``state.logits`` then equals, row by row, a full
+        ``forward`` over the whole conversation with that row's real media items in order (a row's
+        padded items of an earlier turn do not shift its later ones). Pass each media item in the
+        turn whose text holds its media token. A conversation that began with text only is
+        recomputed once when its first media item arrives (with media, the gated blocks' feed-forward
+        runs over every token). The cache grows by doubling when a turn outgrows it.
+
+        Args:
+            state: from ``prefill``.
+            text: (b, n) token ids of the new turn.
+            images, image_embeds, videos, time_mask: the turn's new media items, as in ``forward``.
+            attention_mask: (b, n) bool, False on left padding.
+        """
+        media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        with generation.generation_mode(self):
+            return generation.extend(self, state, text, media, attention_mask)
+
+    def generate_from(
+        self,
+        state: GenerationState,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens).
+
+        The reply is appended to ``state`` so that ``extend`` can continue after it; tokens a row
+        emits after ``eos_token_id`` are ``pad_token_id`` and are left out of the conversation.
+        Sampling arguments as in ``generate``.
+        """
+        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
+        return generation.generate_from(self, state, settings)

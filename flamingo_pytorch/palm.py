@@ -1,7 +1,8 @@
 """The PaLM decoder that Flamingo freezes: parallel attention + feed-forward blocks.
 
 Shapes:
-    b batch, n text length, d width, h query heads, k head width, f feed-forward width.
+    b batch, n text length, d width, h query heads, k head width, f feed-forward width,
+    j keys attended to, c cache capacity (slots).
 
 PaLM's choices, all kept here: pre-norm parallel blocks (attention and feed-forward read the
 same normalised input and are summed), multi-query attention (h query heads share one key head
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 
@@ -44,6 +45,47 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = x32.chunk(2, dim=-1)
     rotated_half = torch.cat((-second, first), dim=-1)  # (..., n, k)
     return (x32 * cos + rotated_half * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated self-attention keys and values of one layer, for decoding.
+
+    Multi-query attention makes this one key head and one value head per layer, (b, 1, c, k)
+    each: h times smaller than a multi-head cache, which is why PaLM decodes cheaply. The
+    buffers are not persistent, so they never reach a ``state_dict``. Slots are written in
+    order by ``update``; ``grow`` enlarges the capacity (callers double it, so appending
+    costs amortised O(1) copies per token).
+    """
+
+    def __init__(self, *, batch: int, capacity: int, dim_head: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch, 1, capacity, dim_head)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (b, 1, n, k) at slots start..start+n-1 -> all keys and values so far, (b, 1, start + n, k)."""
+        end = start + k.shape[2]
+        assert end <= self.capacity, f"cache of {self.capacity} slots cannot hold {end}"
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to ``capacity`` slots, keeping what is stored."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])  # (b, 1, c, k)
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (b',) long, e.g. to drop finished sequences."""
+        self.keys, self.values = self.keys[rows], self.values[rows]
 
 
 class ParallelTransformerBlock(nn.Module):
@@ -86,6 +128,22 @@ class ParallelTransformerBlock(nn.Module):
         k, v = (z.expand(-1, q.shape[1], -1, -1) for z in (k, v))  # (b, h, j, k), a view
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int, mask: Tensor) -> Tensor:
+        """Run on new tokens x (b, n, d) placed at cache slots start..start+n-1 -> (b, n, d).
+
+        ``cos``, ``sin`` are the rotary angles of each token's own position (b, 1, n, k); ``mask``
+        (b, 1, n, start + n) bool says which cached slots each new token may read (True = may attend).
+        """
+        q, k, v, ff = self.project(x, cos, sin)
+        k, v = cache.update(start, k, v)  # (b, 1, j, k) each
+        n = q.shape[2]
+        # One key head: fold the query heads into the query length and attend once.
+        q = rearrange(q, "b h n k -> b 1 (h n) k")
+        mask = repeat(mask, "b 1 n j -> b 1 (h n) j", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, 1, h n, k)
+        out = rearrange(out, "b 1 (h n) k -> b n (h k)", n=n)
+        return x + self.attn_out(out) + ff
 
 
 class PaLM(nn.Module):

@@ -96,24 +96,26 @@ class PerceiverResampler(nn.Module):
     def num_time_embeds(self) -> int:
         return self.time_embeds.shape[0]
 
-    def forward(self, media: Tensor) -> Tensor:
+    def forward(self, media: Tensor, *, time_offset: int = 0) -> Tensor:
         """Resample media features.
 
         Args:
             media: ``(b, p, d)`` one item per sample, ``(b, t, p, d)`` images, or, when
                 ``num_frame_embeds`` is set, ``(b, t, f, p, d)`` videos.
+            time_offset: index of the first item among all items of the sample, for items
+                appended to earlier ones (a conversation): item i gets time embedding offset + i.
 
         Returns:
             ``(b, t, num_latents, d)``.
         """
         media = self._add_frame_embeds(media)  # (b, t, p', d)
         b, t = media.shape[:2]
-        if t > self.num_time_embeds:
+        if time_offset + t > self.num_time_embeds:
             raise ValueError(
-                f"media has {t} items per sample but the resampler has num_time_embeds={self.num_time_embeds}; "
-                "raise num_time_embeds to pass more"
+                f"media has {time_offset + t} items per sample but the resampler has "
+                f"num_time_embeds={self.num_time_embeds}; raise num_time_embeds to pass more"
             )
-        media = media + self.time_embeds[:t]
+        media = media + self.time_embeds[time_offset : time_offset + t]
         media = rearrange(media, "b t p d -> (b t) p d")
         latents = repeat(self.latents, "m d -> B m d", B=b * t)
         for attn, ff in self.layers:
