@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class RotaryEmbedding(nn.Module):
@@ -36,6 +37,13 @@ class RotaryEmbedding(nn.Module):
         if angles.ndim == 3:
             angles = rearrange(angles, "b n k -> b 1 n k")
         return angles.cos(), angles.sin()
+
+
+def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: bool) -> Tensor:
+    """``module(*args)``; with ``enabled`` and grad on, its activations are recomputed in backward instead of kept."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -98,10 +106,23 @@ class PaLM(nn.Module):
         dim_head: width of each attention head.
         heads: number of query heads (keys and values have one head).
         ff_mult: SwiGLU widening factor.
+        checkpoint_activations: in training, recompute each layer's activations in backward
+            instead of storing them (less memory, about one more forward pass of compute).
     """
 
-    def __init__(self, *, num_tokens: int, dim: int, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        checkpoint_activations: bool = False,
+    ):
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self.rotary = RotaryEmbedding(dim_head)
@@ -117,5 +138,5 @@ class PaLM(nn.Module):
         x = self.token_emb(text)
         cos, sin = self.rotary(torch.arange(text.shape[1], device=text.device))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = run_maybe_checkpointed(layer, x, cos, sin, enabled=self.checkpoint_activations and self.training)
         return self.to_logits(self.norm(x))
