@@ -46,6 +46,25 @@ def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: boo
     return module(*args)
 
 
+class SwiGLU(torch.autograd.Function):
+    """``value * silu(gate)`` that keeps only its two inputs for backward and recomputes the rest.
+
+    Plain autograd would also keep ``silu(gate)``, an extra (b, n, f) tensor per layer; here the
+    inputs are views of the fused projection, which backward keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, gate: Tensor) -> Tensor:
+        ctx.save_for_backward(value, gate)
+        return value * F.silu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        value, gate = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * value, gate)  # grad * value * silu'(gate)
+        return grad * F.silu(gate), grad_gate
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (..., n, k) by the angles behind cos, sin; computed in float32."""
     x32 = x.float()
@@ -83,7 +102,7 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = (rearrange(z, "b n k -> b 1 n k") for z in (k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ff = self.ff_out(ff_value * F.silu(ff_gate))  # SwiGLU
+        ff = self.ff_out(SwiGLU.apply(ff_value, ff_gate))
         return q, k, v, ff
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -186,3 +186,14 @@ def test_no_text_by_text_float_matrix_in_training(checkpoint_activations):
     t_times_m = images.shape[1] * TINY["perceiver_num_latents"]
     wide = [s for s in recorder.shapes if len(s) >= 2 and s[-2] == n and s[-1] in (n, t_times_m)]
     assert wide == []
+
+
+def test_swiglu_keeps_only_its_inputs_and_matches_autograd():
+    from flamingo_pytorch.palm import SwiGLU
+
+    value, gate = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(SwiGLU.apply, (value, gate))
+    expected = torch.autograd.grad((value * torch.nn.functional.silu(gate)).sum(), (value, gate))
+    got = torch.autograd.grad(SwiGLU.apply(value, gate).sum(), (value, gate))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
