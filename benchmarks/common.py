@@ -37,9 +37,14 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
         "--ref-dir", default=os.environ.get("FLAMINGO_REF_DIR", "/tmp/ref012"), help=f"where {REFERENCE} lives"
     )
     parser.add_argument("--no-ref", action="store_true", help="skip the 0.1.2 reference")
+    parser.add_argument(
+        "--autocast", choices=("none", "bf16"), default=None, help="default: bf16 on cuda, none (float32) on cpu"
+    )
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<script>.json)")
     args = parser.parse_args()
-    args.autocast = "bf16" if args.device == "cuda" else None  # bf16 autocast on GPUs, float32 on CPU
+    if args.autocast is None:
+        args.autocast = "bf16" if args.device == "cuda" else "none"  # bf16 autocast on GPUs, float32 on CPU
+    args.autocast = None if args.autocast == "none" else args.autocast
     return args
 
 
