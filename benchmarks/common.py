@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def parse_args(description: str, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--reps", type=int, default=defaults.get("reps", 5), help="timed repetitions per case")
+    parser.add_argument("--reps", type=int, default=defaults.get("reps", 6), help="timed repetitions per case")
+    parser.add_argument(
+        "--rounds", type=int, default=defaults.get("rounds", 3), help="timing processes per case, interleaved"
+    )
     parser.add_argument("--warmup", type=int, default=defaults.get("warmup", 1), help="untimed repetitions first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument(
@@ -58,17 +63,42 @@ def ensure_reference(ref_dir: str) -> str:
     return ref_dir
 
 
-def run_case(case: dict, args: argparse.Namespace) -> dict:
-    """Run one case (``case["impl"]`` is "ours" or "ref") in fresh processes: one for peak memory
-    (fixed mmap threshold, one measured step), one for time (default allocator, ``args.reps`` steps)."""
-    case = {"device": args.device, "autocast": args.autocast, "reps": args.reps, "warmup": args.warmup, **case}
-    if case["kind"] == "matmul" or args.device != "cpu":
-        return run_worker(case, args, MALLOC_ENV if case["kind"] != "matmul" else {})
-    memory = run_worker({**case, "reps": 1}, args, MALLOC_ENV)
-    timing = run_worker(case, args, {})
-    if "error" in memory or "error" in timing:
-        return {**case, "error": memory.get("error") or timing.get("error")}
-    return {**timing, "peak_mb": memory["peak_mb"], "memory_method": memory["memory_method"]}
+def run_cases(cases: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Measure cases (``case["impl"]`` is "ours" or "ref"), each in fresh processes.
+
+    Peak memory: one process per case (fixed mmap threshold, one measured step after warm-up).
+    Time: ``args.rounds`` rounds, each running one process per case in turn (default allocator,
+    ``args.warmup`` untimed then ``reps / rounds`` timed steps), so that a burst of load on a
+    shared machine falls on all the compared cases alike. The median is over all timed steps.
+    """
+    defaults = {"device": args.device, "autocast": args.autocast, "warmup": args.warmup}
+    cases = [{**defaults, **case} for case in cases]
+    per_round = max(1, math.ceil(args.reps / args.rounds))
+    memory = [run_worker({**case, "reps": 1}, args, MALLOC_ENV) for case in cases]
+    rounds = [[run_worker({**case, "reps": per_round}, args, {}) for case in cases] for _ in range(args.rounds)]
+    results = []
+    for i, case in enumerate(cases):
+        runs = [memory[i]] + [row[i] for row in rounds]
+        errors = [run["error"] for run in runs if "error" in run]
+        if errors:
+            results.append({**case, "error": errors[0]})
+            continue
+        seconds = [s for row in rounds for s in row[i]["seconds"]]
+        results.append(
+            {
+                **case,
+                "reps": len(seconds),
+                "seconds": seconds,
+                "median_s": statistics.median(seconds),
+                "min_s": min(seconds),
+                "peak_mb": memory[i]["peak_mb"],
+                "memory_method": memory[i]["memory_method"],
+                "maxrss_above_build_mb": max(row[i]["maxrss_above_build_mb"] for row in rounds),
+                "warmup_s": rounds[0][i]["warmup_s"],
+                "package": memory[i]["package"],
+            }
+        )
+    return results
 
 
 def run_worker(case: dict, args: argparse.Namespace, extra_env: dict) -> dict:

@@ -12,22 +12,22 @@ scores every token against all t * 64 latents. Both project every item's keys an
 
 from __future__ import annotations
 
-from common import parse_args, print_table, run_case, write_json
+from common import parse_args, print_table, run_cases, write_json
 
 CONFIG = dict(dim=512, dim_head=64, heads=8, batch=2, seq=512, latents=64)
 MEDIA_ITEMS = (1, 4, 16, 32)
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], reps=5)
+    args = parse_args(__doc__.splitlines()[0], reps=6, rounds=3)
     rows = []
     for phase in ("forward", "train"):
         for t in MEDIA_ITEMS:
-            pair = {}
-            for impl in ["ours"] if args.no_ref else ["ours", "ref"]:
-                case = {"kind": "block", "impl": impl, "phase": phase, "images": t, "name": f"t={t} {phase}"}
-                pair[impl] = run_case({**case, **CONFIG}, args)
-                print(f"{impl:4s} t={t:2d} {phase}: {pair[impl].get('median_s', pair[impl].get('error'))}", flush=True)
+            case = {"kind": "block", "phase": phase, "images": t, "name": f"t={t} {phase}", **CONFIG}
+            impls = ["ours"] if args.no_ref else ["ours", "ref"]
+            pair = dict(zip(impls, run_cases([{**case, "impl": impl} for impl in impls], args)))
+            for impl, result in pair.items():
+                print(f"{impl:4s} t={t:2d} {phase}: {result.get('median_s', result.get('error'))}", flush=True)
             ours, ref = pair["ours"], pair.get("ref", {})
             row = {"name": f"{phase}", "t": t, "impl": "ours vs ref"}
             for key in ("median_s", "peak_mb"):

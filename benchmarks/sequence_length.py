@@ -10,22 +10,22 @@ with full score matrices grows as n^2, everything else as n.
 
 from __future__ import annotations
 
-from common import parse_args, print_table, ratio, run_case, write_json
+from common import parse_args, print_table, ratio, run_cases, write_json
 from training_step import CONFIG
 
 LENGTHS = (256, 1024, 2048)
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], reps=3)
+    args = parse_args(__doc__.splitlines()[0], reps=3, rounds=3)
     config = {**CONFIG, "batch": 1}
     variants = [("ours", False), ("ours", True)] + ([] if args.no_ref else [("ref", False)])
     rows = []
     for n in LENGTHS:
         row = {"n": n}
-        for impl, checkpoint in variants:
-            case = {"kind": "model", "impl": impl, "mode": "flamingo", "phase": "train", "checkpoint": checkpoint}
-            result = run_case({**config, **case, "seq": n, "name": f"n={n}"}, args)
+        case = {"kind": "model", **config, "mode": "flamingo", "phase": "train", "seq": n, "name": f"n={n}"}
+        results = run_cases([{**case, "impl": impl, "checkpoint": ckpt} for impl, ckpt in variants], args)
+        for (impl, checkpoint), result in zip(variants, results):
             key = impl + ("_ckpt" if checkpoint else "")
             row[f"{key}_s"], row[f"{key}_mb"] = result.get("median_s"), result.get("peak_mb")
             row.setdefault("runs", {})[key] = result

@@ -11,20 +11,20 @@ eager, is the last column for scale.
 
 from __future__ import annotations
 
-from common import parse_args, print_table, ratio, run_case, write_json
+from common import parse_args, print_table, ratio, run_cases, write_json
 from training_step import CONFIG
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], reps=5, warmup=2)
+    args = parse_args(__doc__.splitlines()[0], reps=4, rounds=2, warmup=2)
     rows = []
     for phase in ("forward", "train"):
         row = {"name": f"flamingo {phase}"}
-        for key, impl, compiled in (("eager", "ours", False), ("compiled", "ours", True), ("ref", "ref", False)):
-            if impl == "ref" and args.no_ref:
-                continue
-            case = {"kind": "model", "impl": impl, "mode": "flamingo", "phase": phase, "compile": compiled}
-            result = run_case({**CONFIG, **case, "name": row["name"]}, args)
+        variants = [("eager", "ours", False), ("compiled", "ours", True), ("ref", "ref", False)]
+        variants = variants[:2] if args.no_ref else variants
+        case = {"kind": "model", **CONFIG, "mode": "flamingo", "phase": phase, "name": row["name"]}
+        results = run_cases([{**case, "impl": impl, "compile": compiled} for _, impl, compiled in variants], args)
+        for (key, _, _), result in zip(variants, results):
             row[f"{key}_s"], row[f"{key}_mb"] = result.get("median_s"), result.get("peak_mb")
             row[f"{key}_warmup_s"] = result.get("warmup_s")
             row.setdefault("runs", {})[key] = result

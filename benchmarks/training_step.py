@@ -20,9 +20,8 @@ The same count is used for ours and 0.1.2 (0.1.2's dense cross-attention does t 
 from __future__ import annotations
 
 import math
-import statistics
 
-from common import parse_args, print_table, ratio, run_case, write_json
+from common import parse_args, print_table, ratio, run_cases, run_worker, write_json
 
 CONFIG = dict(
     num_tokens=20000,
@@ -71,25 +70,24 @@ def model_flops(cfg: dict, mode: str, phase: str) -> float:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], reps=5)
-    rate = run_case({"kind": "matmul", "impl": "ours", "shapes": MATMUL_SHAPES, "reps": 10}, args)
+    args = parse_args(__doc__.splitlines()[0], reps=6, rounds=3)
+    matmul = {"kind": "matmul", "impl": "ours", "shapes": MATMUL_SHAPES, "reps": 10, "warmup": 1}
+    rate = run_worker({**matmul, "device": args.device, "autocast": args.autocast}, args, {})
     peak_rate = rate.get("best_gflops")
-    cases = []
+    rows = []
     for mode in ("text", "flamingo"):
         for phase in ("forward", "train"):
-            cases.append({"name": f"{mode} {phase}", "mode": mode, "phase": phase})
-    cases.append({"name": "flamingo train, checkpointing", "mode": "flamingo", "phase": "train", "checkpoint": True})
-    rows = []
-    for case in cases:
-        impls = ["ours"] if case.get("checkpoint") or args.no_ref else ["ours", "ref"]
-        for impl in impls:
-            row = run_case({"kind": "model", "impl": impl, **CONFIG, **case}, args)
-            if "median_s" in row:
-                row["gflop"] = model_flops(CONFIG, case["mode"], case["phase"]) / 1e9
-                row["gflops"] = row["gflop"] / row["median_s"]
-                row["of_matmul_rate"] = ratio(row["gflops"], peak_rate)
-            rows.append(row)
-            print(f"{impl:4s} {case['name']}: {row.get('median_s', row.get('error'))}", flush=True)
+            case = {"kind": "model", **CONFIG, "name": f"{mode} {phase}", "mode": mode, "phase": phase}
+            group = [{**case, "impl": "ours"}] + ([] if args.no_ref else [{**case, "impl": "ref"}])
+            if (mode, phase) == ("flamingo", "train"):
+                group.append({**case, "impl": "ours", "checkpoint": True, "name": "flamingo train, checkpointing"})
+            for row in run_cases(group, args):
+                if "median_s" in row:
+                    row["gflop"] = model_flops(CONFIG, mode, phase) / 1e9
+                    row["gflops"] = row["gflop"] / row["median_s"]
+                    row["of_matmul_rate"] = ratio(row["gflops"], peak_rate)
+                rows.append(row)
+                print(f"{row['impl']:4s} {row['name']}: {row.get('median_s', row.get('error'))}", flush=True)
     by_name = {(r["name"], r["impl"]): r for r in rows}
     for row in rows:
         baseline_name = "flamingo train" if row.get("checkpoint") else row["name"]
@@ -102,6 +100,7 @@ def main() -> None:
         ("name", "case"),
         ("impl", "impl"),
         ("median_s", "median s"),
+        ("min_s", "min s"),
         ("peak_mb", "peak MB"),
         ("speedup_vs_ref", "x faster"),
         ("memory_saving_vs_ref", "mem saved"),
@@ -109,8 +108,7 @@ def main() -> None:
         ("of_matmul_rate", "of matmul"),
     ]
     print_table("Training step (ours vs flamingo-pytorch 0.1.2; ratios of medians)", rows, columns)
-    spread = {f"{r['name']}/{r['impl']}": statistics.pstdev(r["seconds"]) for r in rows if "seconds" in r}
-    write_json("training_step", args, {"config": CONFIG, "matmul": rate, "rows": rows, "stdev_s": spread})
+    write_json("training_step", args, {"config": CONFIG, "matmul": rate, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def test_tokens_that_read_nothing_get_exact_zeros():
     torch.testing.assert_close(segmented, dense)
     (grad,) = torch.autograd.grad(segmented.sum(), x)
     assert torch.isfinite(grad).all()
+    no_items, _, _ = dense_and_segmented(attn, x, media[:, :0], locations, time_mask[:, :0])
+    assert torch.equal(no_items, torch.zeros_like(no_items))
 
 
 def test_one_token_steps_with_offset_indices_match_the_full_text():
