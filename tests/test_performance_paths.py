@@ -199,3 +199,16 @@ def test_swiglu_keeps_only_its_inputs_and_matches_autograd():
     got = torch.autograd.grad(SwiGLU.apply(value, gate).sum(), (value, gate))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_immediate_cross_attention_traces_as_one_graph():
+    """Static shapes, no host sync: torch.compile sees the whole gated block without a graph break."""
+    import torch._dynamo
+
+    from flamingo_pytorch import GatedCrossAttentionBlock
+
+    block = GatedCrossAttentionBlock(dim=16, dim_head=4, heads=2)
+    locations = torch.zeros(2, 9, dtype=torch.bool)
+    locations[:, [0, 4, 6]] = True
+    explanation = torch._dynamo.explain(block)(torch.randn(2, 9, 16), torch.randn(2, 3, 2, 16), locations)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
