@@ -205,7 +205,7 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
         token_row: (b, n) the chunk row (in s c) holding each token; reads: (b, n) bool, False for
             tokens that read nothing (index 0, index > t, or a padded item).
     """
-    index = index.contiguous()  # searchsorted wants a contiguous boundary tensor
+    index = index.long().contiguous()  # searchsorted wants a contiguous boundary tensor, gather int64
     b, n = index.shape
     t, s = num_media, immediate_num_chunks(n, num_media, chunk)
     device = index.device

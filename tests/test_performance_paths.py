@@ -102,6 +102,7 @@ def test_one_token_steps_with_offset_indices_match_the_full_text():
     full = attn.attend(x, k, v, index, time_mask)
     steps = torch.cat([attn.attend(x[:, i : i + 1], k, v, index[:, i : i + 1], time_mask) for i in range(12)], dim=1)
     torch.testing.assert_close(steps, full)
+    torch.testing.assert_close(attn.attend(x, k, v, index.int(), time_mask), full)  # any integer dtype
 
 
 def flamingo_batch(n: int = 12, t: int = 2):
