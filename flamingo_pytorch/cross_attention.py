@@ -142,10 +142,23 @@ class MaskedCrossAttention(nn.Module):
         return tuple(rearrange(z, "b t m (h k) -> b h t m k", h=self.heads) for z in (k, v))
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
-        """x (b, n, d) reads projected media k, v (b, h, t, m, k); index (b, n) as in ``media_index``."""
-        n = x.shape[1]
+        """x (b, n, d) reads projected media k, v (b, h, t, m, k); index (b, n) as in ``media_index``.
+
+        ``index`` must not decrease along n (a running count does not). In immediate mode the scores
+        are computed per item segment (``attend_immediate``), so their cost does not grow with t.
+        """
+        q = self.to_q(self.norm(x))  # (b, n, h k)
+        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0:
+            out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
+        else:
+            out = self.attend_dense(q, k, v, index, time_mask)
+        return self.to_out(out)
+
+    def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
+        """q (b, n, h k) reads all t * m latents under the text-to-media mask -> (b, n, h k)."""
+        n = q.shape[1]
         t, m = k.shape[2:4]
-        q = rearrange(self.to_q(self.norm(x)), "b n (h k) -> b h n k", h=self.heads)
+        q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = (rearrange(z, "b h t m k -> b h (t m) k") for z in (k, v))
         allowed = text_to_media_mask(
             index, time_mask, num_text=n, num_media=t, only_immediate=self.only_attend_immediate_media
@@ -159,7 +172,88 @@ class MaskedCrossAttention(nn.Module):
             mask = repeat(allowed, "b n t -> b 1 n (t m)", m=m)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, h, n, k)
             out = out.masked_fill(~rearrange(sees_media, "b n -> b 1 n 1"), 0.0)
-        return self.to_out(rearrange(out, "b h n k -> b n (h k)"))
+        return rearrange(out, "b h n k -> b n (h k)")
+
+
+def immediate_chunk_size(num_text: int, num_media: int) -> int:
+    """Tokens per chunk c for ``attend_immediate``: about n / t, so about t + n / c <= 2t chunks."""
+    return max(1, -(-num_text // max(num_media, 1)))
+
+
+def immediate_num_chunks(num_text: int, num_media: int, chunk: int) -> int:
+    """The most chunks of ``chunk`` tokens that t contiguous segments of n tokens in all can need.
+
+    j non-empty segments with c_1..c_j chunks hold at least (sum c - j) * chunk + j tokens, so
+    sum c <= j + (n - j) // chunk, largest at j = min(t, n).
+    """
+    j = min(num_media, num_text)
+    return j + (num_text - j) // chunk
+
+
+def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int) -> tuple[Tensor, ...]:
+    """Cut each item's (contiguous) segment of tokens into chunks of ``chunk`` tokens, with static shapes.
+
+    Args:
+        index: (b, n) non-decreasing media index of each token.
+        time_mask: (b, t) bool or None.
+        num_media: t.
+        chunk: c, tokens per chunk.
+
+    Returns:
+        chunk_token: (b, s c) the token each chunk row holds (rows past a segment's end hold a
+            clamped, unused token); chunk_item: (b, s) the 0-based item each chunk reads;
+        token_row: (b, n) the chunk row (in s c) holding each token; reads: (b, n) bool, False for
+            tokens that read nothing (index 0, index > t, or a padded item).
+    """
+    index = index.long().contiguous()  # searchsorted wants a contiguous boundary tensor, gather int64
+    b, n = index.shape
+    t, s = num_media, immediate_num_chunks(n, num_media, chunk)
+    device = index.device
+    items = torch.arange(1, t + 1, device=device, dtype=index.dtype).expand(b, t).contiguous()  # (b, t)
+    starts = torch.searchsorted(index, items)  # (b, t) first token of each item's segment
+    lengths = torch.searchsorted(index, items, right=True) - starts  # (b, t)
+    if time_mask is not None:
+        lengths = lengths * time_mask  # padded items get no chunks
+    chunks = (lengths + chunk - 1) // chunk  # (b, t) chunks of each item
+    chunk_end = chunks.cumsum(dim=-1)  # (b, t)
+    chunk_start = chunk_end - chunks  # (b, t)
+
+    slot = torch.arange(s, device=device).expand(b, s).contiguous()  # (b, s)
+    chunk_item = torch.searchsorted(chunk_end, slot, right=True).clamp(max=t - 1)  # (b, s); unused -> t - 1
+    first = starts.gather(1, chunk_item) + (slot - chunk_start.gather(1, chunk_item)) * chunk  # (b, s)
+    chunk_token = (rearrange(first, "b s -> b s 1") + torch.arange(chunk, device=device)).clamp(0, n - 1)
+    chunk_token = rearrange(chunk_token, "b s c -> b (s c)")
+
+    item = (index - 1).clamp(0, t - 1)  # (b, n) 0-based item of each token
+    reads = (index >= 1) & (index <= t)
+    if time_mask is not None:
+        reads = reads & time_mask.gather(1, item)
+    offset = torch.arange(n, device=device) - starts.gather(1, item)  # (b, n) position in its segment
+    token_row = (chunk_start.gather(1, item) + offset // chunk) * chunk + offset % chunk
+    token_row = token_row.where(reads, 0)  # (b, n)
+    return chunk_token, chunk_item, token_row, reads
+
+
+def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
+
+    The tokens of one item are contiguous, so each item's segment is cut into chunks of c tokens
+    laid out in a fixed number s of chunk slots; every slot attends, without a mask, to one item's
+    latents. The score work is s * c * m ~ 2 n m whatever t, no (n, t m) mask is built, and no
+    shape depends on the data (no host sync; ``torch.compile`` friendly). Tokens that read nothing
+    give exactly zero.
+    """
+    (b, n, inner), (heads, t) = q.shape, k.shape[1:3]
+    chunk = immediate_chunk_size(n, t)
+    chunk_token, chunk_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
+    q_chunks = q.gather(1, repeat(chunk_token, "b r -> b r i", i=inner))  # (b, s c, h k)
+    q_chunks = rearrange(q_chunks, "b (s c) (h k) -> (b s) h c k", c=chunk, h=heads)
+    flat_item = rearrange(chunk_item + torch.arange(b, device=q.device)[:, None] * t, "b s -> (b s)")
+    k, v = (rearrange(z, "b h t m k -> (b t) h m k").index_select(0, flat_item) for z in (k, v))  # (b s, h, m, k)
+    out = F.scaled_dot_product_attention(q_chunks, k, v)  # (b s, h, c, k)
+    out = rearrange(out, "(b s) h c k -> b (s c) (h k)", b=b)
+    out = out.gather(1, repeat(token_row, "b n -> b n i", i=inner))  # (b, n, h k)
+    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
 
 
 class GatedCrossAttentionBlock(nn.Module):

@@ -18,7 +18,7 @@ from flamingo_pytorch import generation
 from flamingo_pytorch._validation import check_bool, check_ndim, check_same_device, check_shape, check_tensor
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.generation import GenerationState
-from flamingo_pytorch.palm import PaLM
+from flamingo_pytorch.palm import PaLM, run_maybe_checkpointed
 from flamingo_pytorch.perceiver import PerceiverResampler
 from flamingo_pytorch.sampling import SamplingSettings
 
@@ -48,6 +48,8 @@ class FlamingoPaLM(nn.Module):
         max_video_frames: the most frames per video; None disables ``videos``.
         only_attend_immediate_media: each token reads only the most recent media item.
         media_dim: image feature width e, when it differs from ``dim``.
+        checkpoint_activations: in training, recompute the activations of each PaLM layer and
+            gated block in backward instead of storing them (less memory, more compute).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class FlamingoPaLM(nn.Module):
         max_video_frames: int | None = None,
         only_attend_immediate_media: bool = True,
         media_dim: int | None = None,
+        checkpoint_activations: bool = False,
     ):
         super().__init__()
         if cross_attn_every < 1:
@@ -77,7 +80,15 @@ class FlamingoPaLM(nn.Module):
         media_dim = dim if media_dim is None else media_dim
         self.media_token_id = media_token_id
         self.cross_attn_every = cross_attn_every
-        self.palm = PaLM(num_tokens=num_tokens, dim=dim, depth=depth, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
+        self.palm = PaLM(
+            num_tokens=num_tokens,
+            dim=dim,
+            depth=depth,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            checkpoint_activations=checkpoint_activations,
+        )
         self.perceiver_resampler = PerceiverResampler(
             dim=media_dim,
             depth=perceiver_depth,
@@ -226,10 +237,12 @@ class FlamingoPaLM(nn.Module):
         x = self.palm.token_emb(text)  # (b, n, d)
         cos, sin = self.palm.rotary(torch.arange(text.shape[1], device=text.device))
         media_locations = text == self.media_token_id  # (b, n)
+        recompute = self.palm.checkpoint_activations and self.training
         for i, layer in enumerate(self.palm.layers):
             if media is not None and i % self.cross_attn_every == 0:
-                x = self.gated_cross_attn[i // self.cross_attn_every](x, media, media_locations, time_mask)
-            x = layer(x, cos, sin)
+                block = self.gated_cross_attn[i // self.cross_attn_every]
+                x = run_maybe_checkpointed(block, x, media, media_locations, time_mask, enabled=recompute)
+            x = run_maybe_checkpointed(layer, x, cos, sin, enabled=recompute)
         return self.palm.to_logits(self.palm.norm(x))
 
     # -- generation: thin wrappers over flamingo_pytorch.generation ---------------------------------

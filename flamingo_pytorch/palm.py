@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,6 +38,32 @@ class RotaryEmbedding(nn.Module):
         if angles.ndim == 3:
             angles = rearrange(angles, "b n k -> b 1 n k")
         return angles.cos(), angles.sin()
+
+
+def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: bool) -> Tensor:
+    """``module(*args)``; with ``enabled`` and grad on, its activations are recomputed in backward instead of kept."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class SwiGLU(torch.autograd.Function):
+    """``value * silu(gate)`` that keeps only its two inputs for backward and recomputes the rest.
+
+    Plain autograd would also keep ``silu(gate)``, an extra (b, n, f) tensor per layer; here the
+    inputs are views of the fused projection, which backward keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, gate: Tensor) -> Tensor:
+        ctx.save_for_backward(value, gate)
+        return value * F.silu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        value, gate = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * value, gate)  # grad * value * silu'(gate)
+        return grad * F.silu(gate), grad_gate
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -117,7 +144,7 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = (rearrange(z, "b n k -> b 1 n k") for z in (k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ff = self.ff_out(ff_value * F.silu(ff_gate))  # SwiGLU
+        ff = self.ff_out(SwiGLU.apply(ff_value, ff_gate))
         return q, k, v, ff
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -156,10 +183,23 @@ class PaLM(nn.Module):
         dim_head: width of each attention head.
         heads: number of query heads (keys and values have one head).
         ff_mult: SwiGLU widening factor.
+        checkpoint_activations: in training, recompute each layer's activations in backward
+            instead of storing them (less memory, about one more forward pass of compute).
     """
 
-    def __init__(self, *, num_tokens: int, dim: int, depth: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        checkpoint_activations: bool = False,
+    ):
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         self.token_emb = nn.Embedding(num_tokens, dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self.rotary = RotaryEmbedding(dim_head)
@@ -175,5 +215,5 @@ class PaLM(nn.Module):
         x = self.token_emb(text)
         cos, sin = self.rotary(torch.arange(text.shape[1], device=text.device))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = run_maybe_checkpointed(layer, x, cos, sin, enabled=self.checkpoint_activations and self.training)
         return self.to_logits(self.norm(x))

@@ -1,0 +1,215 @@
+"""The fast paths compute exactly what the plain ones do: segmented immediate cross-attention
+against the dense masked reference, activation checkpointing against storing activations,
+and the frozen language model in flamingo mode against a model that never computes its gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, open_gates, tiny_image_encoder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flamingo_pytorch import FlamingoPaLM, PaLM
+from flamingo_pytorch.cross_attention import (
+    MaskedCrossAttention,
+    immediate_chunk_size,
+    immediate_num_chunks,
+    media_index,
+)
+
+
+def random_layout(b: int, n: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """media_locations (b, n) and time_mask (b, t): each row its own density, padding and lead-in text."""
+    density = torch.rand(b, 1, generator=generator)
+    locations = torch.rand(b, n, generator=generator) < density * 0.5
+    locations[:, : int(torch.randint(0, 4, (), generator=generator))] = False  # text before the first media
+    time_mask = torch.rand(b, t, generator=generator) < 0.75
+    return locations, time_mask
+
+
+def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_mask):
+    k, v = attn.project_media(media)
+    index = media_index(locations)
+    segmented = attn.attend(x, k, v, index, time_mask)
+    dense = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
+    return segmented, dense, index
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segmented_immediate_attention_equals_dense_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, t = (int(torch.randint(1, high, (), generator=generator)) for high in (40, 7))
+    b, m = 3, 3
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
+    x = torch.randn(b, n, 16, generator=generator, requires_grad=True)
+    media = torch.randn(b, t, m, 16, generator=generator, requires_grad=True)
+    locations, time_mask = random_layout(b, n, t, generator)
+    for mask in (time_mask, None):
+        segmented, dense, _ = dense_and_segmented(attn, x, media, locations, mask)
+        torch.testing.assert_close(segmented, dense)
+        cotangent = torch.randn(segmented.shape, generator=generator)
+        grads = torch.autograd.grad(segmented, (x, media), cotangent, retain_graph=True)
+        expected = torch.autograd.grad(dense, (x, media), cotangent)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("n", "t"), [(1, 5), (7, 3), (13, 4), (64, 32), (100, 7)])
+def test_worst_case_layouts_fit_the_chunk_slots(n, t):
+    """Segments one token longer than a multiple of the chunk need the most chunks; all still fit."""
+    chunk = immediate_chunk_size(n, t)
+    assert immediate_num_chunks(n, t, chunk) * chunk <= 2 * n + chunk  # score work ~ n, not n * t
+    locations = torch.zeros(1, n, dtype=torch.bool)
+    position = 0
+    for _ in range(t):  # each item's segment: chunk + 1 tokens, then whatever is left
+        if position < n:
+            locations[0, position] = True
+        position += chunk + 1
+    attn = MaskedCrossAttention(dim=8, dim_head=4, heads=2)
+    x, media = torch.randn(1, n, 8), torch.randn(1, t, 2, 8)
+    segmented, dense, _ = dense_and_segmented(attn, x, media, locations, None)
+    torch.testing.assert_close(segmented, dense)
+
+
+def test_tokens_that_read_nothing_get_exact_zeros():
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
+    # row 0: text before the first media, then more media tokens (4) than items (2);
+    # row 1: the second item is padding.
+    locations = torch.tensor([[0, 0, 1, 0, 1, 0, 1, 0, 1, 0], [1, 0, 0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    time_mask = torch.tensor([[True, True], [True, False]])
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    media = torch.randn(2, 2, 3, 16)
+    segmented, dense, index = dense_and_segmented(attn, x, media, locations, time_mask)
+    reads_nothing = (index == 0) | (index > 2)
+    reads_nothing[1] |= index[1] == 2
+    assert torch.equal(segmented[reads_nothing], torch.zeros_like(segmented[reads_nothing]))
+    assert segmented[~reads_nothing].abs().amin() > 0
+    torch.testing.assert_close(segmented, dense)
+    (grad,) = torch.autograd.grad(segmented.sum(), x)
+    assert torch.isfinite(grad).all()
+    no_items, _, _ = dense_and_segmented(attn, x, media[:, :0], locations, time_mask[:, :0])
+    assert torch.equal(no_items, torch.zeros_like(no_items))
+
+
+def test_one_token_steps_with_offset_indices_match_the_full_text():
+    """Decoding calls attend with n = 1 and the running media index: same rows as the full call."""
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
+    generator = torch.Generator().manual_seed(3)
+    locations, time_mask = random_layout(2, 12, 3, generator)
+    x, media = torch.randn(2, 12, 16), torch.randn(2, 3, 4, 16)
+    k, v = attn.project_media(media)
+    index = media_index(locations)
+    full = attn.attend(x, k, v, index, time_mask)
+    steps = torch.cat([attn.attend(x[:, i : i + 1], k, v, index[:, i : i + 1], time_mask) for i in range(12)], dim=1)
+    torch.testing.assert_close(steps, full)
+    torch.testing.assert_close(attn.attend(x, k, v, index.int(), time_mask), full)  # any integer dtype
+
+
+def flamingo_batch(n: int = 12, t: int = 2):
+    text = torch.randint(4, TINY["num_tokens"], (2, n))
+    text[:, [1, 6, 9][:t]] = TINY["media_token_id"]
+    images = torch.randn(2, t, 3, 8, 8)
+    return text, images
+
+
+def grads_after_backward(model: torch.nn.Module, text, images=None) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    logits = model(text) if images is None else model(text, images)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), text.flatten()).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+def test_activation_checkpointing_gives_identical_gradients(with_images):
+    torch.manual_seed(0)
+    plain = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder()).train()
+    open_gates(plain, 0.5)
+    recomputing = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder(), checkpoint_activations=True).train()
+    recomputing.load_state_dict(plain.state_dict())
+    text, images = flamingo_batch()
+    images = images if with_images else None
+    expected, got = grads_after_backward(plain, text, images), grads_after_backward(recomputing, text, images)
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_palm_activation_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    config = dict(num_tokens=64, dim=32, depth=2, dim_head=8, heads=4, ff_mult=2)
+    plain, recomputing = PaLM(**config).train(), PaLM(**config, checkpoint_activations=True).train()
+    recomputing.load_state_dict(plain.state_dict())
+    text = torch.randint(0, 64, (2, 10))
+    expected, got = grads_after_backward(plain, text), grads_after_backward(recomputing, text)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("checkpoint_activations", [False, True])
+def test_frozen_language_model_never_gets_gradients(checkpoint_activations):
+    model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder(), checkpoint_activations=checkpoint_activations)
+    model.train()
+    open_gates(model, 0.5)
+    grads = grads_after_backward(model, *flamingo_batch())
+    assert all(p.grad is None for p in model.palm.parameters())
+    assert all(p.grad is None for p in model.img_encoder.parameters())
+    trained = {name for name, _ in model.named_parameters() if name.startswith(("perceiver", "gated"))}
+    trained.discard("perceiver_resampler.frame_embeds")  # images, not videos
+    assert set(grads) == trained
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every floating-point tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.shapes.append(tuple(value.shape))
+        return out
+
+
+@pytest.mark.parametrize("checkpoint_activations", [False, True])
+def test_no_text_by_text_float_matrix_in_training(checkpoint_activations):
+    """Causal self-attention and immediate cross-attention leave the masks to SDPA: no (n, n) or
+    (n, t m) float scores or masks appear in forward or backward."""
+    n = 37  # a length no other dimension of the tiny model shares
+    model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder(), checkpoint_activations=checkpoint_activations)
+    model.train()
+    text, images = flamingo_batch(n, t=3)  # t m = 12, another width no other dimension shares
+    recorder = ShapeRecorder()
+    with recorder:
+        logits = model(text, images)
+        logits.sum().backward()
+    assert recorder.shapes, "the recorder saw no ops"
+    t_times_m = images.shape[1] * TINY["perceiver_num_latents"]
+    wide = [s for s in recorder.shapes if len(s) >= 2 and s[-2] == n and s[-1] in (n, t_times_m)]
+    assert wide == []
+
+
+def test_swiglu_keeps_only_its_inputs_and_matches_autograd():
+    from flamingo_pytorch.palm import SwiGLU
+
+    value, gate = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(SwiGLU.apply, (value, gate))
+    expected = torch.autograd.grad((value * torch.nn.functional.silu(gate)).sum(), (value, gate))
+    got = torch.autograd.grad(SwiGLU.apply(value, gate).sum(), (value, gate))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_immediate_cross_attention_traces_as_one_graph():
+    """Static shapes, no host sync: torch.compile sees the whole gated block without a graph break."""
+    import torch._dynamo
+
+    from flamingo_pytorch import GatedCrossAttentionBlock
+
+    block = GatedCrossAttentionBlock(dim=16, dim_head=4, heads=2)
+    locations = torch.zeros(2, 9, dtype=torch.bool)
+    locations[:, [0, 4, 6]] = True
+    explanation = torch._dynamo.explain(block)(torch.randn(2, 9, 16), torch.randn(2, 3, 2, 16), locations)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
