@@ -116,9 +116,14 @@ def build_model_case(case: dict, device: torch.device):
         call = lambda: model(text, image_embeds=embeds)  # noqa: E731
     else:
         call = lambda: model(text, images=embeds)  # noqa: E731  (0.1.2's forward is keyword-only)
+    if case.get("fused_loss"):  # ours only: the loss straight from labels=, without the full logits
+        media = {} if case["mode"] == "text" else {"image_embeds": embeds}
+        loss_call = lambda: model(text, labels=labels.view(b, n), **media)  # noqa: E731
+    else:
+        loss_call = lambda: F.cross_entropy(call().flatten(0, 1).float(), labels)  # noqa: E731
     if case.get("compile"):
         compile_model(model, case["impl"])
-    return model, call, labels
+    return model, call, loss_call
 
 
 def compile_model(model: nn.Module, impl: str) -> None:
@@ -152,11 +157,8 @@ def build_block_case(case: dict, device: torch.device):
 
 def make_step(case: dict, device: torch.device):
     if case["kind"] == "model":
-        model, call, labels = build_model_case(case, device)
+        model, call, loss_fn = build_model_case(case, device)
         params = list(model.parameters())
-
-        def loss_fn():
-            return F.cross_entropy(call().flatten(0, 1).float(), labels)
 
     else:
         block, call, inputs = build_block_case(case, device)

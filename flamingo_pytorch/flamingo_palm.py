@@ -148,6 +148,7 @@ class FlamingoPaLM(nn.Module):
         image_embeds: Tensor | None = None,
         videos: Tensor | None = None,
         time_mask: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits for text, reading the media wherever ``media_token_id`` appears.
 
@@ -157,15 +158,18 @@ class FlamingoPaLM(nn.Module):
             image_embeds: (b, t, p, e) precomputed image features (skip the encoder).
             videos: (b, t, f, c, H, W), encoded frame by frame (needs ``max_video_frames``).
             time_mask: (b, t) bool, True for real media items, False for padding.
+            labels: (b, n) target token ids (-100 = none), e.g. ``text`` shifted left by one.
+                When given, the mean cross-entropy is returned instead of the logits, computed
+                without ever holding the full (b, n, num_tokens) logits (less peak memory).
 
         Returns:
-            (b, n, num_tokens) logits.
+            (b, n, num_tokens) logits, or the scalar loss when ``labels`` are given.
         """
         self.check_text(text)
         media = self.encode_media(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
         if torch.is_grad_enabled():  # evaluation under no_grad leaves the training setup alone
             self.set_flamingo_mode(media is not None)
-        return self.decode(text, media, time_mask)
+        return self.decode(text, media, time_mask, labels)
 
     def check_text(self, text: Tensor) -> None:
         check_ndim("text", text, (2,), "(batch, text length)")
@@ -232,8 +236,10 @@ class FlamingoPaLM(nn.Module):
             )
         return features.reshape(*leading, *features.shape[1:])
 
-    def decode(self, text: Tensor, media: Tensor | None, time_mask: Tensor | None = None) -> Tensor:
-        """Run the decoder with gated cross-attention to resampled media (b, t, m, e) -> logits."""
+    def decode(
+        self, text: Tensor, media: Tensor | None, time_mask: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        """Run the decoder with gated cross-attention to resampled media (b, t, m, e) -> logits or loss."""
         x = self.palm.token_emb(text)  # (b, n, d)
         cos, sin = self.palm.rotary(torch.arange(text.shape[1], device=text.device))
         media_locations = text == self.media_token_id  # (b, n)
@@ -243,7 +249,7 @@ class FlamingoPaLM(nn.Module):
                 block = self.gated_cross_attn[i // self.cross_attn_every]
                 x = run_maybe_checkpointed(block, x, media, media_locations, time_mask, enabled=recompute)
             x = run_maybe_checkpointed(layer, x, cos, sin, enabled=recompute)
-        return self.palm.to_logits(self.palm.norm(x))
+        return self.palm.head(x, labels)
 
     # -- generation: thin wrappers over flamingo_pytorch.generation ---------------------------------
 

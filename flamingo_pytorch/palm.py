@@ -19,6 +19,9 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from flamingo_pytorch._validation import check_tensor
+from flamingo_pytorch.loss import linear_cross_entropy
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding. Angles are computed in float32 whatever the model's dtype
@@ -210,10 +213,28 @@ class PaLM(nn.Module):
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
         self.to_logits.weight = self.token_emb.weight  # tied
 
-    def forward(self, text: Tensor) -> Tensor:
-        """text (b, n) token ids -> logits (b, n, num_tokens)."""
+    def forward(self, text: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """text (b, n) token ids -> logits (b, n, num_tokens), or with ``labels`` the loss (see ``head``)."""
         x = self.token_emb(text)
         cos, sin = self.rotary(torch.arange(text.shape[1], device=text.device))
         for layer in self.layers:
             x = run_maybe_checkpointed(layer, x, cos, sin, enabled=self.checkpoint_activations and self.training)
-        return self.to_logits(self.norm(x))
+        return self.head(x, labels)
+
+    def head(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Final norm and tied output projection: x (b, n, d) -> logits (b, n, num_tokens).
+
+        With ``labels`` (b, n) token ids (-100 = no target), returns instead the mean cross-entropy
+        of the logits against them, computed a chunk of tokens at a time so that the full logits
+        never exist (see ``loss.py``); labels are not shifted: ``labels[:, i]`` is position i's target.
+        """
+        x = self.norm(x)
+        if labels is None:
+            return self.to_logits(x)
+        check_tensor("labels", labels)
+        if tuple(labels.shape) != tuple(x.shape[:2]) or labels.dtype.is_floating_point:
+            raise ValueError(
+                f"labels must be integer token ids of shape (batch, text length) = {tuple(x.shape[:2])}, "
+                f"got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
+        return linear_cross_entropy(x, self.to_logits.weight, labels)
