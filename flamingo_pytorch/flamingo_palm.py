@@ -188,8 +188,9 @@ class FlamingoPaLM(nn.Module):
         if b != text.shape[0]:
             raise ValueError(f"{name} has batch {b} but text has batch {text.shape[0]}")
         if time_offset + t > self.perceiver_resampler.num_time_embeds:
+            earlier = f" after {time_offset} earlier ones" if time_offset else ""
             raise ValueError(
-                f"{name} brings the media items per sample to {time_offset + t} but perceiver_num_time_embeds="
+                f"{name} has {t} media items per sample{earlier} but perceiver_num_time_embeds="
                 f"{self.perceiver_resampler.num_time_embeds}"
             )
         if time_mask is not None:
