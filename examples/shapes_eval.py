@@ -22,13 +22,10 @@ SETTINGS = {
 def greedy_decode(model: nn.Module, prompt: Tensor, images: Tensor | None, *, max_new_tokens: int) -> Tensor:
     """Greedy continuation of prompt (b, n) -> (b, max_new_tokens) new token ids.
 
-    One full forward pass per new token: cheap for answers of a word or two. This is the one place
-    to swap for ``model.generate`` (with key/value caches) once the library has it.
+    ``model.generate`` encodes the images once and decodes with key/value caches; it never emits
+    the image token, and leaves the model's train/eval mode and ``requires_grad`` as they were.
     """
-    tokens = prompt
-    for _ in range(max_new_tokens):
-        logits = model(tokens) if images is None else model(tokens, images)  # (b, n, v)
-        tokens = torch.cat((tokens, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=-1)
+    tokens = model.generate(prompt, images, max_new_tokens=max_new_tokens, temperature=0)
     return tokens[:, prompt.shape[1] :]
 
 
