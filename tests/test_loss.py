@@ -69,3 +69,15 @@ def test_bad_labels_raise(tiny_model):
         tiny_model(text, labels=text[:, :-1])
     with pytest.raises(ValueError, match="labels must be integer"):
         tiny_model(text, labels=text.float())
+
+
+def test_bfloat16_loss_is_finite_and_close_to_float32(tiny_model):
+    text = torch.randint(4, TINY["num_tokens"], (2, 10))
+    labels = text.roll(-1, dims=1)
+    expected = tiny_model(text, labels=labels)
+    model = tiny_model.to(torch.bfloat16)
+    loss = model(text, labels=labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert_close(loss, expected, rtol=0.02, atol=0.02)
+    assert all(torch.isfinite(p.grad).all() for p in model.palm.parameters())
