@@ -29,6 +29,15 @@ from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 # -- state -----------------------------------------------------------------------------------------
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``, or None when autocast is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    if device.type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 class GenerationState:
     """What ``FlamingoPaLM.prefill`` returns and ``extend`` / ``generate_from`` carry on from.
 
@@ -48,9 +57,7 @@ class GenerationState:
     def __init__(self, model: nn.Module, *, batch: int, capacity: int, device: torch.device):
         palm = model.palm
         dim_head = palm.rotary.dim_head
-        dtype = palm.token_emb.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        dtype = autocast_dtype(device) or palm.token_emb.weight.dtype
         self.caches = [
             KVCache(batch=batch, capacity=capacity, dim_head=dim_head, dtype=dtype, device=device) for _ in palm.layers
         ]
