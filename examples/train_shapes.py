@@ -1,6 +1,6 @@
 """Train a small Flamingo on generated shapes and show that it reads the images.
 
-    python examples/train_shapes.py                                 # about 1.5 minutes on 2 CPU cores
+    python examples/train_shapes.py                                 # 1 to 2 minutes on 2 CPU cores
     torchrun --nproc_per_node=2 examples/train_shapes.py            # the same, DistributedDataParallel
     python examples/train_shapes.py --eval-only --checkpoint out/flamingo_shapes.safetensors
 
