@@ -216,7 +216,7 @@ def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, atten
     state.length = end
     state.positions = state.positions + real.sum(dim=-1)
     state.media_count = state.media_count + is_media.sum(dim=-1)
-    state.logits = palm.to_logits(palm.norm(x[:, -1]))  # (b, v)
+    state.logits = palm.head(x[:, -1])  # (b, v)
 
 
 # -- public entry points (FlamingoPaLM's methods delegate here) ------------------------------------
