@@ -13,6 +13,8 @@ nothing gets a cross-attention output of exactly zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -148,7 +150,7 @@ class MaskedCrossAttention(nn.Module):
         are computed per item segment (``attend_immediate``), so their cost does not grow with t.
         """
         q = self.to_q(self.norm(x))  # (b, n, h k)
-        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0:
+        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[1] > 0:
             out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
         else:
             out = self.attend_dense(q, k, v, index, time_mask)
@@ -175,23 +177,31 @@ class MaskedCrossAttention(nn.Module):
         return rearrange(out, "b h n k -> b n (h k)")
 
 
-def immediate_chunk_size(num_text: int, num_media: int) -> int:
-    """Tokens per chunk c for ``attend_immediate``: about n / t, so about t + n / c <= 2t chunks."""
-    return max(1, -(-num_text // max(num_media, 1)))
+def immediate_chunk_size(num_text: int, num_media: int, num_latents: int) -> int:
+    """Tokens per chunk c for ``attend_immediate``: sqrt(n m / t), kept between ceil(n / t) and 4 ceil(n / t).
 
-
-def immediate_num_chunks(num_text: int, num_media: int, chunk: int) -> int:
-    """The most chunks of ``chunk`` tokens that t contiguous segments of n tokens in all can need.
-
-    j non-empty segments with c_1..c_j chunks hold at least (sum c - j) * chunk + j tokens, so
-    sum c <= j + (n - j) // chunk, largest at j = min(t, n).
+    The first chunks attend t c rows; the o ~ n / c overflow chunks copy o m latents. Their sum
+    t c + (n / c) m is least at c = sqrt(n m / t): at n = 512, t = 32, m = 64, c = 32.
     """
-    j = min(num_media, num_text)
-    return j + (num_text - j) // chunk
+    smallest = max(1, -(-num_text // max(num_media, 1)))
+    balanced = math.isqrt(num_text * num_latents // max(num_media, 1))
+    return max(smallest, min(balanced, 4 * smallest, num_text))
+
+
+def immediate_num_overflow(num_text: int, chunk: int) -> int:
+    """The most overflow chunks (see ``immediate_chunks``) that segments of n tokens in all can need.
+
+    A segment of l > c tokens needs ceil((l - c) / c) <= (l - 1) // c overflow chunks, and the
+    (l - 1) // c of segments with lengths summing to at most n sum to at most (n - 1) // c.
+    """
+    return max(num_text - 1, 0) // chunk
 
 
 def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int) -> tuple[Tensor, ...]:
-    """Cut each item's (contiguous) segment of tokens into chunks of ``chunk`` tokens, with static shapes.
+    """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens, with static shapes.
+
+    Item j's first c tokens fill first chunk j, which reads item j; the rest of its segment goes
+    into overflow chunks, o = ``immediate_num_overflow`` slots after the t first chunks.
 
     Args:
         index: (b, n) non-decreasing media index of each token.
@@ -200,27 +210,29 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
         chunk: c, tokens per chunk.
 
     Returns:
-        chunk_token: (b, s c) the token each chunk row holds (rows past a segment's end hold a
-            clamped, unused token); chunk_item: (b, s) the 0-based item each chunk reads;
-        token_row: (b, n) the chunk row (in s c) holding each token; reads: (b, n) bool, False for
-            tokens that read nothing (index 0, index > t, or a padded item).
+        chunk_token: (b, (t + o) c) the token each chunk row holds (rows past a segment's end
+            hold a clamped, unused token); overflow_item: (b, o) the 0-based item each overflow
+            chunk reads; token_row: (b, n) the chunk row (in (t + o) c) holding each token;
+            reads: (b, n) bool, False for tokens that read nothing (index 0, index > t, or a
+            padded item).
     """
     index = index.long().contiguous()  # searchsorted wants a contiguous boundary tensor, gather int64
     b, n = index.shape
-    t, s = num_media, immediate_num_chunks(n, num_media, chunk)
+    t, o = num_media, immediate_num_overflow(n, chunk)
     device = index.device
-    items = torch.arange(1, t + 1, device=device, dtype=index.dtype).expand(b, t).contiguous()  # (b, t)
+    items = torch.arange(1, t + 1, device=device).expand(b, t).contiguous()  # (b, t) 1-based item numbers
     starts = torch.searchsorted(index, items)  # (b, t) first token of each item's segment
     lengths = torch.searchsorted(index, items, right=True) - starts  # (b, t)
     if time_mask is not None:
-        lengths = lengths * time_mask  # padded items get no chunks
-    chunks = (lengths + chunk - 1) // chunk  # (b, t) chunks of each item
-    chunk_end = chunks.cumsum(dim=-1)  # (b, t)
-    chunk_start = chunk_end - chunks  # (b, t)
+        lengths = lengths * time_mask  # padded items get no overflow chunks
+    extra = ((lengths - chunk).clamp(min=0) + chunk - 1) // chunk  # (b, t) overflow chunks of each item
+    extra_end = extra.cumsum(dim=-1)  # (b, t)
+    extra_start = extra_end - extra  # (b, t)
 
-    slot = torch.arange(s, device=device).expand(b, s).contiguous()  # (b, s)
-    chunk_item = torch.searchsorted(chunk_end, slot, right=True).clamp(max=t - 1)  # (b, s); unused -> t - 1
-    first = starts.gather(1, chunk_item) + (slot - chunk_start.gather(1, chunk_item)) * chunk  # (b, s)
+    slot = torch.arange(o, device=device).expand(b, o).contiguous()  # (b, o)
+    overflow_item = torch.searchsorted(extra_end, slot, right=True).clamp(max=t - 1)  # (b, o); unused -> t - 1
+    overflow_first = starts.gather(1, overflow_item) + (slot - extra_start.gather(1, overflow_item) + 1) * chunk
+    first = torch.cat((starts, overflow_first), dim=1)  # (b, t + o) first token of each chunk
     chunk_token = (rearrange(first, "b s -> b s 1") + torch.arange(chunk, device=device)).clamp(0, n - 1)
     chunk_token = rearrange(chunk_token, "b s c -> b (s c)")
 
@@ -229,29 +241,41 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     if time_mask is not None:
         reads = reads & time_mask.gather(1, item)
     offset = torch.arange(n, device=device) - starts.gather(1, item)  # (b, n) position in its segment
-    token_row = (chunk_start.gather(1, item) + offset // chunk) * chunk + offset % chunk
+    overflow_row = (
+        (t + extra_start.gather(1, item)) * chunk + offset - chunk
+    )  # rows of an item's overflow chunks follow on
+    token_row = torch.where(offset < chunk, item * chunk + offset, overflow_row)
     token_row = token_row.where(reads, 0)  # (b, n)
-    return chunk_token, chunk_item, token_row, reads
+    return chunk_token, overflow_item, token_row, reads
 
 
 def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
-    The tokens of one item are contiguous, so each item's segment is cut into chunks of c tokens
-    laid out in a fixed number s of chunk slots; every slot attends, without a mask, to one item's
-    latents. The score work is s * c * m ~ 2 n m whatever t, no (n, t m) mask is built, and no
-    shape depends on the data (no host sync; ``torch.compile`` friendly). Tokens that read nothing
-    give exactly zero.
+    The tokens of one item are contiguous. Each item's first c >= n / t tokens form its first chunk,
+    which attends to the item's keys and values where they are (no copy); the rest of long
+    segments fill a fixed number o ~ t of overflow chunks, each reading a copy of its item's
+    keys and values. Every chunk attends without a mask; the score work is ~ 2 n m whatever t, no
+    (n, t m) mask is built, and no shape depends on the data (no host sync; ``torch.compile``
+    friendly). Tokens that read nothing give exactly zero.
     """
-    (b, n, inner), (heads, t) = q.shape, k.shape[1:3]
-    chunk = immediate_chunk_size(n, t)
-    chunk_token, chunk_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
-    q_chunks = q.gather(1, repeat(chunk_token, "b r -> b r i", i=inner))  # (b, s c, h k)
-    q_chunks = rearrange(q_chunks, "b (s c) (h k) -> (b s) h c k", c=chunk, h=heads)
-    flat_item = rearrange(chunk_item + torch.arange(b, device=q.device)[:, None] * t, "b s -> (b s)")
-    k, v = (rearrange(z, "b h t m k -> (b t) h m k").index_select(0, flat_item) for z in (k, v))  # (b s, h, m, k)
-    out = F.scaled_dot_product_attention(q_chunks, k, v)  # (b s, h, c, k)
-    out = rearrange(out, "(b s) h c k -> b (s c) (h k)", b=b)
+    (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
+    chunk = immediate_chunk_size(n, t, m)
+    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
+    k_items, v_items = (rearrange(z, "b h t m k -> (b t) h m k") for z in (k, v))  # views
+    first_rows = chunk_token[:, : t * chunk]  # (b, t c)
+    q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)
+    q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
+    out = F.scaled_dot_product_attention(q_first, k_items, v_items)  # (b t, h, c, k)
+    out = rearrange(out, "(b t) h c k -> b (t c) (h k)", b=b)
+    if overflow_item.shape[1] > 0:
+        over_rows = chunk_token[:, t * chunk :]  # (b, o c)
+        q_over = q.gather(1, repeat(over_rows, "b r -> b r i", i=inner))  # (b, o c, h k)
+        q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
+        flat_item = rearrange(overflow_item + torch.arange(b, device=q.device)[:, None] * t, "b o -> (b o)")
+        k_over, v_over = (z.index_select(0, flat_item) for z in (k_items, v_items))  # (b o, h, m, k)
+        out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
+        out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
     out = out.gather(1, repeat(token_row, "b n -> b n i", i=inner))  # (b, n, h k)
     return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
 

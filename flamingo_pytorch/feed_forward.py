@@ -1,10 +1,52 @@
-"""The pre-norm GELU feed-forward used by the Perceiver Resampler and the gated cross-attention blocks."""
+"""The pre-norm GELU feed-forward used by the Perceiver Resampler and the gated cross-attention blocks.
 
-from torch import nn
+Shapes: ... any leading dimensions, d width, f hidden width (d * mult).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class GELULinear(torch.autograd.Function):
+    """``linear(gelu(hidden), weight)`` that keeps only ``hidden`` for backward and recomputes the GELU.
+
+    Plain autograd would keep both ``hidden`` and ``gelu(hidden)``, two (..., f) tensors per
+    feed-forward; the recomputation is one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
+        out = F.linear(F.gelu(hidden), weight)  # (..., d); under autocast, in its dtype
+        ctx.save_for_backward(hidden, weight)
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        hidden, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype  # what the forward's matmul ran in (autocast may have lowered it)
+        grad = grad.to(dtype)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[1]:  # first, so that the recomputed GELU is freed before grad_hidden exists
+            activation = F.gelu(hidden).to(dtype).flatten(0, -2)  # (N, f)
+            grad_weight = (grad.flatten(0, -2).T @ activation).to(weight.dtype)  # (d, f)
+            del activation
+        if ctx.needs_input_grad[0]:
+            grad_activation = (grad @ weight.to(dtype)).to(hidden.dtype)  # (..., f)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_activation, hidden)
+        return grad_hidden, grad_weight
 
 
 class FeedForward(nn.Sequential):
-    """LayerNorm, then a bias-free two-layer MLP with GELU, widening by ``mult``."""
+    """LayerNorm, then a bias-free two-layer MLP with GELU, widening by ``mult``.
+
+    The GELU and the second projection run as one autograd function that recomputes the GELU in
+    backward (see ``GELULinear``); a replaced or hooked second projection (an adapter, say) is
+    called as a module instead.
+    """
 
     def __init__(self, dim: int, mult: int = 4):
         inner = int(dim * mult)
@@ -14,3 +56,16 @@ class FeedForward(nn.Sequential):
             nn.GELU(),
             nn.Linear(inner, dim, bias=False),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., d) -> (..., d)."""
+        norm, project_in, activation, project_out = self
+        plain = type(project_out) is nn.Linear and project_out.bias is None and type(activation) is nn.GELU
+        if (
+            not plain
+            or activation.approximate != "none"
+            or project_out._forward_hooks
+            or project_out._forward_pre_hooks
+        ):
+            return super().forward(x)
+        return GELULinear.apply(project_in(norm(x)), project_out.weight)

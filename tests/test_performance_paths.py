@@ -13,7 +13,8 @@ from flamingo_pytorch import FlamingoPaLM, PaLM
 from flamingo_pytorch.cross_attention import (
     MaskedCrossAttention,
     immediate_chunk_size,
-    immediate_num_chunks,
+    immediate_chunks,
+    immediate_num_overflow,
     media_index,
 )
 
@@ -57,8 +58,8 @@ def test_segmented_immediate_attention_equals_dense_reference(seed):
 @pytest.mark.parametrize(("n", "t"), [(1, 5), (7, 3), (13, 4), (64, 32), (100, 7)])
 def test_worst_case_layouts_fit_the_chunk_slots(n, t):
     """Segments one token longer than a multiple of the chunk need the most chunks; all still fit."""
-    chunk = immediate_chunk_size(n, t)
-    assert immediate_num_chunks(n, t, chunk) * chunk <= 2 * n + chunk  # score work ~ n, not n * t
+    chunk = immediate_chunk_size(n, t, 2)
+    assert (t + immediate_num_overflow(n, chunk)) * chunk <= 5 * n + 4 * t  # score work ~ n, not n * t
     locations = torch.zeros(1, n, dtype=torch.bool)
     position = 0
     for _ in range(t):  # each item's segment: chunk + 1 tokens, then whatever is left
@@ -69,6 +70,40 @@ def test_worst_case_layouts_fit_the_chunk_slots(n, t):
     x, media = torch.randn(1, n, 8), torch.randn(1, t, 2, 8)
     segmented, dense, _ = dense_and_segmented(attn, x, media, locations, None)
     torch.testing.assert_close(segmented, dense)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5])
+def test_every_media_layout_of_short_texts_matches_dense(t):
+    """All 2^n placements of media tokens in n <= 7 tokens at once (one per batch row), padding included."""
+    attn = MaskedCrossAttention(dim=8, dim_head=4, heads=2)
+    for n in range(1, 8):
+        rows = torch.arange(2**n)
+        locations = (rows[:, None] >> torch.arange(n)) & 1 == 1  # (2^n, n): row r places media at r's bits
+        time_mask = torch.rand(2**n, t, generator=torch.Generator().manual_seed(n)) < 0.8
+        x, media = torch.randn(2**n, n, 8), torch.randn(2**n, t, 2, 8)
+        for mask in (time_mask, None):
+            segmented, dense, _ = dense_and_segmented(attn, x, media, locations, mask)
+            torch.testing.assert_close(segmented, dense)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5])
+def test_chunk_layout_places_every_token_in_a_chunk_of_its_own_item(t):
+    """Every placement of media in n <= 8 tokens, every chunk size: each reading token sits in its own
+    item's first chunk or in an overflow chunk reading that item, and the slots always suffice."""
+    for n in range(1, 9):
+        rows = torch.arange(2**n)
+        index = media_index((rows[:, None] >> torch.arange(n)) & 1 == 1)  # (2^n, n): media at row r's bits
+        for chunk in range(1, n + 1):
+            chunk_token, overflow_item, token_row, reads = immediate_chunks(index, None, t, chunk)
+            assert overflow_item.shape[1] == immediate_num_overflow(n, chunk)
+            assert int(token_row.max()) < chunk_token.shape[1]
+            assert torch.equal(reads, (index >= 1) & (index <= t))
+            positions = torch.arange(n).expand(2**n, n)
+            assert torch.equal(chunk_token.gather(1, token_row)[reads], positions[reads])
+            slot = token_row // chunk
+            overflow = (slot - t).clamp(min=0).clamp(max=max(overflow_item.shape[1] - 1, 0))
+            item = torch.where(slot < t, slot, overflow_item.gather(1, overflow) if overflow_item.numel() else slot)
+            assert torch.equal(item[reads], (index - 1)[reads])
 
 
 def test_tokens_that_read_nothing_get_exact_zeros():
@@ -89,6 +124,8 @@ def test_tokens_that_read_nothing_get_exact_zeros():
     assert torch.isfinite(grad).all()
     no_items, _, _ = dense_and_segmented(attn, x, media[:, :0], locations, time_mask[:, :0])
     assert torch.equal(no_items, torch.zeros_like(no_items))
+    no_text, _, _ = dense_and_segmented(attn, x[:, :0], media, locations[:, :0], time_mask)
+    assert no_text.shape == (2, 0, 16)
 
 
 def test_one_token_steps_with_offset_indices_match_the_full_text():
