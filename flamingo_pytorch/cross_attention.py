@@ -197,7 +197,9 @@ def immediate_num_overflow(num_text: int, chunk: int) -> int:
     return max(num_text - 1, 0) // chunk
 
 
-def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int) -> tuple[Tensor, ...]:
+def immediate_chunks(
+    index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int, *, exact: bool = False
+) -> tuple[Tensor, ...]:
     """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens, with static shapes.
 
     Item j's first c tokens fill first chunk j, which reads item j; the rest of its segment goes
@@ -208,6 +210,8 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
         time_mask: (b, t) bool or None.
         num_media: t.
         chunk: c, tokens per chunk.
+        exact: o is the number of overflow chunks the data needs (read back from the tensors: a
+            host sync), rather than ``immediate_num_overflow``, the most any data can need.
 
     Returns:
         chunk_token: (b, (t + o) c) the token each chunk row holds (rows past a segment's end
@@ -218,7 +222,7 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     """
     index = index.long().contiguous()  # searchsorted wants a contiguous boundary tensor, gather int64
     b, n = index.shape
-    t, o = num_media, immediate_num_overflow(n, chunk)
+    t = num_media
     device = index.device
     items = torch.arange(1, t + 1, device=device).expand(b, t).contiguous()  # (b, t) 1-based item numbers
     starts = torch.searchsorted(index, items)  # (b, t) first token of each item's segment
@@ -228,6 +232,7 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     extra = ((lengths - chunk).clamp(min=0) + chunk - 1) // chunk  # (b, t) overflow chunks of each item
     extra_end = extra.cumsum(dim=-1)  # (b, t)
     extra_start = extra_end - extra  # (b, t)
+    o = int(extra_end[:, -1].max()) if exact and b > 0 else immediate_num_overflow(n, chunk)
 
     slot = torch.arange(o, device=device).expand(b, o).contiguous()  # (b, o)
     overflow_item = torch.searchsorted(extra_end, slot, right=True).clamp(max=t - 1)  # (b, o); unused -> t - 1
@@ -249,19 +254,32 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     return chunk_token, overflow_item, token_row, reads
 
 
+def sizes_overflow_exactly(device: torch.device) -> bool:
+    """Whether ``attend_immediate`` sizes its overflow chunks to the data, which reads a count back
+    from the tensors: only on the CPU, where that costs nothing, and never while being compiled."""
+    if device.type != "cpu":
+        return False
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling as compiling
+    return not compiling()
+
+
 def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
     The tokens of one item are contiguous. Each item's first c >= n / t tokens form its first chunk,
     which attends to the item's keys and values where they are (no copy); the rest of long
     segments fill a fixed number o ~ t of overflow chunks, each reading a copy of its item's
-    keys and values. Every chunk attends without a mask; the score work is ~ 2 n m whatever t, no
-    (n, t m) mask is built, and no shape depends on the data (no host sync; ``torch.compile``
-    friendly). Tokens that read nothing give exactly zero.
+    keys and values. Every chunk attends without a mask; the score work is ~ 2 n m whatever t and
+    no (n, t m) mask is built. On accelerators and under ``torch.compile`` no shape depends on
+    the data (no host sync; o is the most any layout can need); on the CPU, where a sync is free,
+    o is what the layout needs. Tokens that read nothing give exactly zero.
     """
     (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
     chunk = immediate_chunk_size(n, t, m)
-    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
+    exact = sizes_overflow_exactly(q.device)
+    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk, exact=exact)
     k_items, v_items = (rearrange(z, "b h t m k -> (b t) h m k") for z in (k, v))  # views
     first_rows = chunk_token[:, : t * chunk]  # (b, t c)
     q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, open_gates, tiny_image_encoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flamingo_pytorch import FlamingoPaLM, PaLM
+from flamingo_pytorch import FlamingoPaLM, PaLM, cross_attention
 from flamingo_pytorch.cross_attention import (
     MaskedCrossAttention,
     immediate_chunk_size,
@@ -17,6 +17,15 @@ from flamingo_pytorch.cross_attention import (
     immediate_num_overflow,
     media_index,
 )
+
+
+@pytest.fixture(params=["exact", "static"])
+def overflow_sizing(request, monkeypatch):
+    """Run a test with the overflow chunks sized to the data (the CPU's eager path) and with the
+    static bound that accelerators and torch.compile use."""
+    exact = request.param == "exact"
+    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
+    return request.param
 
 
 def random_layout(b: int, n: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +46,7 @@ def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_ma
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_segmented_immediate_attention_equals_dense_reference(seed):
+def test_segmented_immediate_attention_equals_dense_reference(seed, overflow_sizing):
     generator = torch.Generator().manual_seed(seed)
     n, t = (int(torch.randint(1, high, (), generator=generator)) for high in (40, 7))
     b, m = 3, 3
@@ -56,7 +65,7 @@ def test_segmented_immediate_attention_equals_dense_reference(seed):
 
 
 @pytest.mark.parametrize(("n", "t"), [(1, 5), (7, 3), (13, 4), (64, 32), (100, 7)])
-def test_worst_case_layouts_fit_the_chunk_slots(n, t):
+def test_worst_case_layouts_fit_the_chunk_slots(n, t, overflow_sizing):
     """Segments one token longer than a multiple of the chunk need the most chunks; all still fit."""
     chunk = immediate_chunk_size(n, t, 2)
     assert (t + immediate_num_overflow(n, chunk)) * chunk <= 5 * n + 4 * t  # score work ~ n, not n * t
@@ -73,7 +82,7 @@ def test_worst_case_layouts_fit_the_chunk_slots(n, t):
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 5])
-def test_every_media_layout_of_short_texts_matches_dense(t):
+def test_every_media_layout_of_short_texts_matches_dense(t, overflow_sizing):
     """All 2^n placements of media tokens in n <= 7 tokens at once (one per batch row), padding included."""
     attn = MaskedCrossAttention(dim=8, dim_head=4, heads=2)
     for n in range(1, 8):
@@ -86,16 +95,21 @@ def test_every_media_layout_of_short_texts_matches_dense(t):
             torch.testing.assert_close(segmented, dense)
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("t", [1, 2, 3, 5])
-def test_chunk_layout_places_every_token_in_a_chunk_of_its_own_item(t):
+def test_chunk_layout_places_every_token_in_a_chunk_of_its_own_item(t, exact):
     """Every placement of media in n <= 8 tokens, every chunk size: each reading token sits in its own
     item's first chunk or in an overflow chunk reading that item, and the slots always suffice."""
     for n in range(1, 9):
         rows = torch.arange(2**n)
         index = media_index((rows[:, None] >> torch.arange(n)) & 1 == 1)  # (2^n, n): media at row r's bits
         for chunk in range(1, n + 1):
-            chunk_token, overflow_item, token_row, reads = immediate_chunks(index, None, t, chunk)
-            assert overflow_item.shape[1] == immediate_num_overflow(n, chunk)
+            chunk_token, overflow_item, token_row, reads = immediate_chunks(index, None, t, chunk, exact=exact)
+            bound = immediate_num_overflow(n, chunk)
+            lengths = torch.stack([(index == j).sum(dim=1) for j in range(1, t + 1)], dim=1)  # (2^n, t)
+            needed = int(((lengths - chunk).clamp(min=0) + chunk - 1).div(chunk, rounding_mode="floor").sum(1).max())
+            assert needed <= bound
+            assert overflow_item.shape[1] == (needed if exact else bound)
             assert int(token_row.max()) < chunk_token.shape[1]
             assert torch.equal(reads, (index >= 1) & (index <= t))
             positions = torch.arange(n).expand(2**n, n)
@@ -106,7 +120,7 @@ def test_chunk_layout_places_every_token_in_a_chunk_of_its_own_item(t):
             assert torch.equal(item[reads], (index - 1)[reads])
 
 
-def test_tokens_that_read_nothing_get_exact_zeros():
+def test_tokens_that_read_nothing_get_exact_zeros(overflow_sizing):
     attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
     # row 0: text before the first media, then more media tokens (4) than items (2);
     # row 1: the second item is padding.
