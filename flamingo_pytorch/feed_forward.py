@@ -43,9 +43,9 @@ class GELULinear(torch.autograd.Function):
 class FeedForward(nn.Sequential):
     """LayerNorm, then a bias-free two-layer MLP with GELU, widening by ``mult``.
 
-    The GELU and the second projection run as one autograd function that recomputes the GELU in
-    backward (see ``GELULinear``); a replaced or hooked second projection (an adapter, say) is
-    called as a module instead.
+    In training the GELU and the second projection run as one autograd function that recomputes
+    the GELU in backward (see ``GELULinear``); a replaced or hooked second projection (an
+    adapter, say) is called as a module instead.
     """
 
     def __init__(self, dim: int, mult: int = 4):
@@ -59,13 +59,20 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d) -> (..., d)."""
-        norm, project_in, activation, project_out = self
-        plain = type(project_out) is nn.Linear and project_out.bias is None and type(activation) is nn.GELU
-        if (
-            not plain
-            or activation.approximate != "none"
-            or project_out._forward_hooks
-            or project_out._forward_pre_hooks
-        ):
+        if not self.fusable():
             return super().forward(x)
+        norm, project_in, _, project_out = self
         return GELULinear.apply(project_in(norm(x)), project_out.weight)
+
+    def fusable(self) -> bool:
+        """Fuse only when autograd will keep activations (without grad, plain layers free the hidden
+        tensor sooner) and the layers are the plain, unhooked ones this class built."""
+        _, _, activation, project_out = self
+        return (
+            torch.is_grad_enabled()
+            and type(activation) is nn.GELU
+            and activation.approximate == "none"
+            and type(project_out) is nn.Linear
+            and project_out.bias is None
+            and not (project_out._forward_hooks or project_out._forward_pre_hooks)
+        )

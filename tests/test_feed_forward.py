@@ -71,3 +71,10 @@ def test_a_replaced_or_hooked_projection_is_called_as_a_module():
     assert calls == [(2, 8)]
     ff[3] = nn.Linear(32, 8)  # with a bias: not the fused layer
     torch.testing.assert_close(ff(x), plain_forward(ff, x), rtol=0, atol=0)
+
+
+def test_without_grad_the_plain_layers_run():
+    ff = FeedForward(8)
+    with torch.no_grad():
+        assert not ff.fusable()
+    assert ff.fusable()
