@@ -141,7 +141,8 @@ class MaskedCrossAttention(nn.Module):
     def project_media(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """(b, t, m, e) media -> keys and values, each (b, h, t, m, k). Cacheable across text."""
         k, v = self.to_kv(media).chunk(2, dim=-1)  # (b, t, m, h k) each
-        return tuple(rearrange(z, "b t m (h k) -> b h t m k", h=self.heads) for z in (k, v))
+        split_heads = "b t m (h k) -> b h t m k"
+        return rearrange(k, split_heads, h=self.heads), rearrange(v, split_heads, h=self.heads)
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
         """x (b, n, d) reads projected media k, v (b, h, t, m, k); index (b, n) as in ``media_index``.
@@ -161,7 +162,7 @@ class MaskedCrossAttention(nn.Module):
         n = q.shape[1]
         t, m = k.shape[2:4]
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
-        k, v = (rearrange(z, "b h t m k -> b h (t m) k") for z in (k, v))
+        k, v = rearrange(k, "b h t m k -> b h (t m) k"), rearrange(v, "b h t m k -> b h (t m) k")
         allowed = text_to_media_mask(
             index, time_mask, num_text=n, num_media=t, only_immediate=self.only_attend_immediate_media
         )
@@ -280,7 +281,7 @@ def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
     chunk = immediate_chunk_size(n, t, m)
     exact = sizes_overflow_exactly(q.device)
     chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk, exact=exact)
-    k_items, v_items = (rearrange(z, "b h t m k -> (b t) h m k") for z in (k, v))  # views
+    k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
     first_rows = chunk_token[:, : t * chunk]  # (b, t c)
     q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)
     q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
@@ -291,7 +292,7 @@ def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
         q_over = q.gather(1, repeat(over_rows, "b r -> b r i", i=inner))  # (b, o c, h k)
         q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
         flat_item = rearrange(overflow_item + torch.arange(b, device=q.device)[:, None] * t, "b o -> (b o)")
-        k_over, v_over = (z.index_select(0, flat_item) for z in (k_items, v_items))  # (b o, h, m, k)
+        k_over, v_over = k_items.index_select(0, flat_item), v_items.index_select(0, flat_item)  # (b o, h, m, k)
         out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
         out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
     out = out.gather(1, repeat(token_row, "b n -> b n i", i=inner))  # (b, n, h k)

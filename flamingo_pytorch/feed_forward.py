@@ -19,9 +19,15 @@ class GELULinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
-        out = F.linear(F.gelu(hidden), weight)  # (..., d); under autocast, in its dtype
+        # Cast by hand: autocast would cache a cast of the leaf weight made here, where no graph is
+        # recorded, and hand it to later uses of the weight in the same autocast region (torch 2.1 does).
+        out = F.linear(F.gelu(hidden), weight.to(hidden.dtype))  # (..., d); hidden is in autocast's dtype
         ctx.save_for_backward(hidden, weight)
         ctx.compute_dtype = out.dtype
+        ctx.grad_hidden, ctx.grad_weight = (
+            hidden.requires_grad,
+            weight.requires_grad,
+        )  # older dynamo can't read needs_input_grad
         return out
 
     @staticmethod
@@ -30,11 +36,11 @@ class GELULinear(torch.autograd.Function):
         dtype = ctx.compute_dtype  # what the forward's matmul ran in (autocast may have lowered it)
         grad = grad.to(dtype)
         grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[1]:  # first, so that the recomputed GELU is freed before grad_hidden exists
+        if ctx.grad_weight:  # first, so that the recomputed GELU is freed before grad_hidden exists
             activation = F.gelu(hidden).to(dtype).flatten(0, -2)  # (N, f)
             grad_weight = (grad.flatten(0, -2).T @ activation).to(weight.dtype)  # (d, f)
             del activation
-        if ctx.needs_input_grad[0]:
+        if ctx.grad_hidden:
             grad_activation = (grad @ weight.to(dtype)).to(hidden.dtype)  # (..., f)
             grad_hidden = torch.ops.aten.gelu_backward(grad_activation, hidden)
         return grad_hidden, grad_weight
@@ -61,13 +67,13 @@ class FeedForward(nn.Sequential):
         """x (..., d) -> (..., d)."""
         if not self.fusable():
             return super().forward(x)
-        norm, project_in, _, project_out = self
+        norm, project_in, project_out = self[0], self[1], self[3]
         return GELULinear.apply(project_in(norm(x)), project_out.weight)
 
     def fusable(self) -> bool:
         """Fuse only when autograd will keep activations (without grad, plain layers free the hidden
         tensor sooner) and the layers are the plain, unhooked ones this class built."""
-        _, _, activation, project_out = self
+        activation, project_out = self[2], self[3]
         return (
             torch.is_grad_enabled()
             and type(activation) is nn.GELU

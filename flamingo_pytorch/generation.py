@@ -189,7 +189,8 @@ def cross_attend(
     if immediate is not None:
         item, index, time_mask = immediate
         rows = torch.arange(k.shape[0], device=k.device)
-        k, v = (rearrange(z[rows, :, item], "b h m k -> b h 1 m k") for z in (k, v))
+        one_item = "b h m k -> b h 1 m k"
+        k, v = rearrange(k[rows, :, item], one_item), rearrange(v[rows, :, item], one_item)
     return block.forward_projected(x, k, v, index, time_mask)
 
 

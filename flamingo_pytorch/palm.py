@@ -145,7 +145,7 @@ class ParallelTransformerBlock(nn.Module):
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
         q, k, v, ff_value, ff_gate = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
-        k, v = (rearrange(z, "b n k -> b 1 n k") for z in (k, v))
+        k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         ff = self.ff_out(SwiGLU.apply(ff_value, ff_gate))
         return q, k, v, ff
@@ -155,7 +155,7 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
-        k, v = (z.expand(-1, q.shape[1], -1, -1) for z in (k, v))  # (b, h, j, k), a view
+        k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")
 

@@ -40,7 +40,7 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # (B, p + m, h k) each
         q = rearrange(q, "B m (h k) -> B h m k", h=self.heads)
-        k, v = (rearrange(t, "B j (h k) -> B h j k", h=self.heads) for t in (k, v))
+        k, v = rearrange(k, "B j (h k) -> B h j k", h=self.heads), rearrange(v, "B j (h k) -> B h j k", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, m, k)
         return self.to_out(rearrange(out, "B h m k -> B m (h k)"))
 
