@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flamingo_pytorch._linear import is_plain_linear
+
 
 class GELULinear(torch.autograd.Function):
     """``linear(gelu(hidden), weight)`` that keeps only ``hidden`` for backward and recomputes the GELU.
@@ -78,7 +80,5 @@ class FeedForward(nn.Sequential):
             torch.is_grad_enabled()
             and type(activation) is nn.GELU
             and activation.approximate == "none"
-            and type(project_out) is nn.Linear
-            and project_out.bias is None
-            and not (project_out._forward_hooks or project_out._forward_pre_hooks)
+            and is_plain_linear(project_out)
         )

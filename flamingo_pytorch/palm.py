@@ -19,6 +19,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from flamingo_pytorch._linear import is_plain_linear
 from flamingo_pytorch._validation import check_tensor
 from flamingo_pytorch.loss import linear_cross_entropy
 
@@ -143,12 +144,25 @@ class ParallelTransformerBlock(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
-        q, k, v, ff_value, ff_gate = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
+        q, k, v, ff_value, ff_gate = self.fused_projection(self.norm(x))
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         ff = self.ff_out(SwiGLU.apply(ff_value, ff_gate))
         return q, k, v, ff
+
+    def fused_projection(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Normalised x (b, n, d) -> q (b, n, h k), k and v (b, n, k), SwiGLU's value and gate (b, n, f).
+
+        The fused weight is applied in two parts: SwiGLU's backward keeps its two inputs, and as
+        views of a single output they would keep the attention part (and its gradient) alive too.
+        """
+        if not is_plain_linear(self.fused_proj):
+            return self.fused_proj(x).split(self.split_sizes, dim=-1)
+        attn_width = sum(self.split_sizes[:3])
+        q, k, v = F.linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
+        ff_value, ff_gate = F.linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
+        return q, k, v.contiguous(), ff_value, ff_gate  # v copied: attention keeps it, not q and k beside it
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Multi-query attention: q (b, h, n, k) over k, v (b, 1, j, k) -> (b, n, h k).
