@@ -201,10 +201,11 @@ def immediate_num_overflow(num_text: int, chunk: int) -> int:
 def immediate_chunks(
     index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int, *, exact: bool = False
 ) -> tuple[Tensor, ...]:
-    """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens, with static shapes.
+    """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens.
 
     Item j's first c tokens fill first chunk j, which reads item j; the rest of its segment goes
-    into overflow chunks, o = ``immediate_num_overflow`` slots after the t first chunks.
+    into overflow chunks, o slots after the t first chunks. Unless ``exact``, every shape depends
+    only on b, n, t and c (o = ``immediate_num_overflow``).
 
     Args:
         index: (b, n) non-decreasing media index of each token.
@@ -247,9 +248,8 @@ def immediate_chunks(
     if time_mask is not None:
         reads = reads & time_mask.gather(1, item)
     offset = torch.arange(n, device=device) - starts.gather(1, item)  # (b, n) position in its segment
-    overflow_row = (
-        (t + extra_start.gather(1, item)) * chunk + offset - chunk
-    )  # rows of an item's overflow chunks follow on
+    # Rows past an item's first chunk continue in its overflow chunks, which are consecutive.
+    overflow_row = (t + extra_start.gather(1, item)) * chunk + offset - chunk
     token_row = torch.where(offset < chunk, item * chunk + offset, overflow_row)
     token_row = token_row.where(reads, 0)  # (b, n)
     return chunk_token, overflow_item, token_row, reads
@@ -271,11 +271,12 @@ def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
 
     The tokens of one item are contiguous. Each item's first c >= n / t tokens form its first chunk,
     which attends to the item's keys and values where they are (no copy); the rest of long
-    segments fill a fixed number o ~ t of overflow chunks, each reading a copy of its item's
-    keys and values. Every chunk attends without a mask; the score work is ~ 2 n m whatever t and
-    no (n, t m) mask is built. On accelerators and under ``torch.compile`` no shape depends on
-    the data (no host sync; o is the most any layout can need); on the CPU, where a sync is free,
-    o is what the layout needs. Tokens that read nothing give exactly zero.
+    segments fill o <= (n - 1) / c overflow chunks, each reading a copy of its item's keys and
+    values. Every chunk attends without a mask, so the score work is (t c + o c) m <= (5 n + 4 t) m
+    whatever the layout, and no (n, t m) mask is built. On accelerators and under
+    ``torch.compile`` no shape depends on the data (no host sync; o is the most any layout can
+    need); on the CPU, where a sync is free, o is what the layout needs. Tokens that read nothing
+    give exactly zero.
     """
     (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
     chunk = immediate_chunk_size(n, t, m)

@@ -26,10 +26,8 @@ class GELULinear(torch.autograd.Function):
         out = F.linear(F.gelu(hidden), weight.to(hidden.dtype))  # (..., d); hidden is in autocast's dtype
         ctx.save_for_backward(hidden, weight)
         ctx.compute_dtype = out.dtype
-        ctx.grad_hidden, ctx.grad_weight = (
-            hidden.requires_grad,
-            weight.requires_grad,
-        )  # older dynamo can't read needs_input_grad
+        # Which gradients backward computes; torch 2.1's dynamo cannot trace ctx.needs_input_grad.
+        ctx.grad_hidden, ctx.grad_weight = hidden.requires_grad, weight.requires_grad
         return out
 
     @staticmethod
