@@ -151,7 +151,7 @@ class MaskedCrossAttention(nn.Module):
         are computed per item segment (``attend_immediate``), so their cost does not grow with t.
         """
         q = self.to_q(self.norm(x))  # (b, n, h k)
-        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[1] > 0:
+        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[0] * x.shape[1] > 0:
             out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
         else:
             out = self.attend_dense(q, k, v, index, time_mask)

@@ -161,6 +161,12 @@ def test_videos_train_their_frame_embeddings(tiny_model):
     assert tiny_model.perceiver_resampler.frame_embeds.grad.abs().sum() > 0
 
 
+def test_an_empty_batch_gives_empty_logits(tiny_model):
+    text, pixels = prompt()[:0], images()[:0]
+    assert tiny_model(text, pixels).shape == (0, text.shape[1], TINY["num_tokens"])
+    assert tiny_model(text, pixels, labels=text).item() == 0.0
+
+
 def test_encoder_of_pooled_features_is_accepted():
     encoder = nn.Sequential(tiny_image_encoder(), nn.Flatten(), nn.LazyLinear(TINY["dim"]))
     encoder(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))  # materialise the lazy layer

@@ -140,6 +140,8 @@ def test_tokens_that_read_nothing_get_exact_zeros(overflow_sizing):
     assert torch.equal(no_items, torch.zeros_like(no_items))
     no_text, _, _ = dense_and_segmented(attn, x[:, :0], media, locations[:, :0], time_mask)
     assert no_text.shape == (2, 0, 16)
+    no_rows, _, _ = dense_and_segmented(attn, x[:0], media[:0], locations[:0], time_mask[:0])
+    assert no_rows.shape == (0, 10, 16)
 
 
 def test_one_token_steps_with_offset_indices_match_the_full_text():
