@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every benchmark on a CUDA GPU with bf16 autocast, ours against flamingo-pytorch 0.1.2:
+# The device tests, then every benchmark on a CUDA GPU with bf16 autocast, ours against
+# flamingo-pytorch 0.1.2:
 #     bash benchmarks/gpu.sh [extra flags for every script, e.g. --reps 10]
 # Results go to benchmarks/results/*_cuda.json. Memory is torch.cuda.max_memory_allocated above
 # the level before the timed steps; 0.1.2 is installed into $FLAMINGO_REF_DIR (default /tmp/ref012).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
+"$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+"$python" -m pytest -q tests/test_devices.py  # CUDA variants: layouts, bf16 training step, decoding, no host sync
 for script in training_step media_items sequence_length torch_compile; do
     "$python" "benchmarks/$script.py" --device cuda --autocast bf16 "$@"
 done

@@ -1,0 +1,93 @@
+"""The model on every device this machine has: the CPU always, a CUDA GPU too where present.
+
+On the CPU the immediate cross-attention sizes its chunk layout to the data; on accelerators it
+uses the static layout and must never read a value back to the host. These tests run both
+layouts on each device, bf16 autocast training steps, and cached decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE, TINY, open_gates, tiny_image_encoder
+
+from flamingo_pytorch import FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention, cross_attention
+from flamingo_pytorch.cross_attention import media_index
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MEDIA = TINY["media_token_id"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def batch(device: torch.device, b: int = 2, n: int = 20, t: int = 3):
+    text = torch.randint(4, TINY["num_tokens"], (b, n), device=device)
+    text[:, [0, 6, 7, 15][:t]] = MEDIA  # two media tokens in a row leave item 2 without text
+    return text, torch.randn(b, t, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+
+
+def flamingo(device: torch.device) -> FlamingoPaLM:
+    torch.manual_seed(0)
+    model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder()).to(device)
+    open_gates(model, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_both_chunk_layouts_equal_the_dense_reference(device, exact, monkeypatch):
+    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2).to(device)
+    generator = torch.Generator().manual_seed(1)
+    locations = (torch.rand(3, 40, generator=generator) < 0.15).to(device)
+    x, media = torch.randn(3, 40, 16, device=device), torch.randn(3, 5, 4, 16, device=device)
+    time_mask = torch.tensor([[True] * 5, [True, False] * 2 + [True], [False] + [True] * 4], device=device)
+    k, v = attn.project_media(media)
+    index = media_index(locations)
+    got = attn.attend(x, k, v, index, time_mask)
+    want = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_training_step_is_close_to_float32(device):
+    model = flamingo(device)
+    text, pixels = batch(device)
+    labels = torch.cat((text[:, 1:], torch.full_like(text[:, :1], -100)), dim=1)
+    with torch.no_grad():
+        reference = model(text, pixels, labels=labels)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(text, pixels, labels=labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.05)
+    assert all(p.grad is not None for p in model.gated_cross_attn.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.flamingo_parameters() if p.grad is not None)
+    assert all(p.grad is None for p in model.palm.parameters())  # the language model stays frozen
+
+
+def test_cached_greedy_decoding_equals_full_forwards(device):
+    model = flamingo(device).eval()
+    text, pixels = batch(device, n=10)
+    out = model.generate(text, pixels, max_new_tokens=6, temperature=0)[:, text.shape[1] :]  # new tokens
+    with torch.no_grad():
+        for step in range(6):
+            sequence = torch.cat((text, out[:, :step]), dim=1)
+            logits = model.decode(sequence, model.encode_media(sequence, pixels))[:, -1]
+            logits[:, MEDIA] = float("-inf")
+            assert torch.equal(out[:, step], logits.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gated_block_never_synchronises_with_the_host_on_cuda():
+    block = GatedCrossAttentionBlock(dim=32, dim_head=8, heads=4).cuda()
+    x, media = torch.randn(2, 50, 32, device="cuda"), torch.randn(2, 4, 8, 32, device="cuda")
+    locations = torch.rand(2, 50, device="cuda") < 0.1
+    block(x, media, locations)  # warm up: first calls may initialise libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block(x, media, locations).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
