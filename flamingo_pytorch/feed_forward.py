@@ -37,8 +37,8 @@ class GELULinear(torch.autograd.Function):
         grad = grad.to(dtype)
         grad_hidden = grad_weight = None
         if ctx.grad_weight:  # first, so that the recomputed GELU is freed before grad_hidden exists
-            activation = F.gelu(hidden).to(dtype).flatten(0, -2)  # (N, f)
-            grad_weight = (grad.flatten(0, -2).T @ activation).to(weight.dtype)  # (d, f)
+            activation = F.gelu(hidden).to(dtype).reshape(-1, hidden.shape[-1])  # (N, f)
+            grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ activation).to(weight.dtype)  # (d, f)
             del activation
         if ctx.grad_hidden:
             grad_activation = (grad @ weight.to(dtype)).to(hidden.dtype)  # (..., f)

@@ -13,12 +13,13 @@ def plain_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
     return nn.Sequential(*ff)(x)  # the same layers, run one after another by autograd
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 16), (16,)])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_fused_feed_forward_equals_the_plain_layers(input_grad):
+def test_fused_feed_forward_equals_the_plain_layers(input_grad, shape):
     torch.manual_seed(0)
     ff = FeedForward(16, mult=3)
-    x = torch.randn(2, 5, 16, requires_grad=input_grad)
-    cotangent = torch.randn(2, 5, 16)
+    x = torch.randn(shape, requires_grad=input_grad)
+    cotangent = torch.randn(shape)
     inputs = [*ff.parameters()] + ([x] if input_grad else [])
     fused, plain = ff(x), plain_forward(ff, x)
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
