@@ -257,8 +257,9 @@ def immediate_chunks(
 
 def sizes_overflow_exactly(device: torch.device) -> bool:
     """Whether ``attend_immediate`` sizes its overflow chunks to the data, which reads a count back
-    from the tensors: only on the CPU, where that costs nothing, and never while being compiled."""
-    if device.type != "cpu":
+    from the tensors: only on the CPU, where that costs nothing, and never while being compiled or
+    traced (a traced graph would keep the count of its example)."""
+    if device.type != "cpu" or torch.jit.is_tracing():
         return False
     compiling = getattr(torch.compiler, "is_compiling", None)
     if compiling is None:  # torch < 2.3

@@ -144,6 +144,21 @@ def test_tokens_that_read_nothing_get_exact_zeros(overflow_sizing):
     assert no_rows.shape == (0, 10, 16)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # jit.trace is deprecated
+def test_a_traced_block_keeps_the_static_layout_and_serves_other_layouts():
+    from flamingo_pytorch import GatedCrossAttentionBlock
+
+    block = GatedCrossAttentionBlock(dim=16, dim_head=4, heads=2)
+    open_gates(block)
+    x, media = torch.randn(2, 12, 16), torch.randn(2, 3, 2, 16)
+    even = torch.zeros(2, 12, dtype=torch.bool)
+    even[:, [0, 4, 8]] = True  # segments of 4 tokens: no overflow chunk needed
+    one_long = torch.zeros(2, 12, dtype=torch.bool)
+    one_long[:, [0, 1, 2]] = True  # the last segment holds 10 tokens: overflow chunks needed
+    traced = torch.jit.trace(block, (x, media, even), check_trace=False)
+    torch.testing.assert_close(traced(x, media, one_long), block(x, media, one_long))
+
+
 def test_one_token_steps_with_offset_indices_match_the_full_text():
     """Decoding calls attend with n = 1 and the running media index: same rows as the full call."""
     attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
