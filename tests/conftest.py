@@ -7,7 +7,8 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from flamingo_pytorch import FlamingoPaLM
+from flamingo_pytorch import FlamingoPaLM, MaskedCrossAttention, cross_attention
+from flamingo_pytorch.cross_attention import media_index
 
 TINY = dict(
     num_tokens=64,
@@ -48,3 +49,34 @@ def _seed():
 def tiny_model() -> FlamingoPaLM:
     torch.manual_seed(0)
     return FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder()).eval()
+
+
+def saved_storages(fn) -> dict[int, int]:
+    """What autograd keeps for the backward of fn(): each saved storage's data pointer -> its element count."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return storages
+
+
+@pytest.fixture(params=["exact", "static"])
+def overflow_sizing(request, monkeypatch):
+    """Run a test with the overflow chunks sized to the data (the CPU's eager path) and with the
+    static bound that accelerators and torch.compile use."""
+    exact = request.param == "exact"
+    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
+    return request.param
+
+
+def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_mask):
+    """The immediate-mode attention (``attend``) and the dense masked reference on the same inputs."""
+    k, v = attn.project_media(media)
+    index = media_index(locations)
+    segmented = attn.attend(x, k, v, index, time_mask)
+    dense = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
+    return segmented, dense, index

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TINY, open_gates, tiny_image_encoder
+from conftest import IMAGE_SIZE, TINY, dense_and_segmented, open_gates, tiny_image_encoder
 
-from flamingo_pytorch import FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention, cross_attention
-from flamingo_pytorch.cross_attention import media_index
+from flamingo_pytorch import FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MEDIA = TINY["media_token_id"]
@@ -36,18 +35,13 @@ def flamingo(device: torch.device) -> FlamingoPaLM:
     return model
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_both_chunk_layouts_equal_the_dense_reference(device, exact, monkeypatch):
-    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
+def test_both_chunk_layouts_equal_the_dense_reference(device, overflow_sizing):
     attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2).to(device)
     generator = torch.Generator().manual_seed(1)
     locations = (torch.rand(3, 40, generator=generator) < 0.15).to(device)
     x, media = torch.randn(3, 40, 16, device=device), torch.randn(3, 5, 4, 16, device=device)
     time_mask = torch.tensor([[True] * 5, [True, False] * 2 + [True], [False] + [True] * 4], device=device)
-    k, v = attn.project_media(media)
-    index = media_index(locations)
-    got = attn.attend(x, k, v, index, time_mask)
-    want = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
+    got, want, _ = dense_and_segmented(attn, x, media, locations, time_mask)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import saved_storages
 from torch import nn
 
 from flamingo_pytorch.feed_forward import FeedForward
@@ -41,26 +42,16 @@ def test_fused_feed_forward_under_bf16_autocast_matches_the_plain_layers():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def saved_hidden_tensors(fn, x: torch.Tensor, hidden_numel: int) -> int:
-    """How many distinct (..., f) tensors autograd keeps for the backward of fn(x)."""
-    storages = set()
-
-    def pack(tensor):
-        if tensor.numel() == hidden_numel:
-            storages.add(tensor.untyped_storage().data_ptr())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn(x)
-    return len(storages)
-
-
 def test_fused_feed_forward_keeps_one_hidden_tensor_for_backward():
     ff = FeedForward(8, mult=4)
     x = torch.randn(2, 3, 8, requires_grad=True)
     hidden = 2 * 3 * 32
-    assert saved_hidden_tensors(lambda x: plain_forward(ff, x), x, hidden) == 2  # GELU's input and output
-    assert saved_hidden_tensors(ff, x, hidden) == 1
+
+    def hidden_tensors(fn) -> int:
+        return list(saved_storages(fn).values()).count(hidden)
+
+    assert hidden_tensors(lambda: plain_forward(ff, x)) == 2  # GELU's input and output
+    assert hidden_tensors(lambda: ff(x)) == 1
 
 
 def test_a_replaced_or_hooked_projection_is_called_as_a_module():

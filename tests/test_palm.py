@@ -1,4 +1,5 @@
 import torch
+from conftest import saved_storages
 from torch import nn
 from torch.testing import assert_close
 
@@ -43,26 +44,15 @@ def test_fused_projection_in_two_parts_equals_the_whole_and_keeps_less():
     assert calls == [(2, 9, block.fused_proj.out_features)]
 
 
-def largest_saved_buffer(fn, module: nn.Module) -> int:
-    """The most elements any single activation buffer (not a weight) kept for backward by fn() holds."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    sizes = [0]
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in weights:
-            sizes.append(tensor.untyped_storage().nbytes() // tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return max(sizes)
-
-
 def test_swiglu_keeps_only_the_feed_forward_part_of_the_projection():
     block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2).requires_grad_(False)  # frozen LM
     x = torch.randn(2, 9, 32, requires_grad=True)
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
-    assert largest_saved_buffer(lambda: block(x, cos, sin), block) == 2 * 9 * 2 * 64  # value and gate, (b, n, 2f)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    activations = [
+        size for pointer, size in saved_storages(lambda: block(x, cos, sin)).items() if pointer not in weights
+    ]
+    assert max(activations) == 2 * 9 * 2 * 64  # value and gate, (b, n, 2f)
 
 
 def test_multi_query_projection_sizes_and_no_biases():

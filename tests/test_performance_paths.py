@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, open_gates, tiny_image_encoder
+from conftest import TINY, dense_and_segmented, open_gates, tiny_image_encoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flamingo_pytorch import FlamingoPaLM, PaLM, cross_attention
+from flamingo_pytorch import FlamingoPaLM, PaLM
 from flamingo_pytorch.cross_attention import (
     MaskedCrossAttention,
     immediate_chunk_size,
@@ -19,15 +19,6 @@ from flamingo_pytorch.cross_attention import (
 )
 
 
-@pytest.fixture(params=["exact", "static"])
-def overflow_sizing(request, monkeypatch):
-    """Run a test with the overflow chunks sized to the data (the CPU's eager path) and with the
-    static bound that accelerators and torch.compile use."""
-    exact = request.param == "exact"
-    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
-    return request.param
-
-
 def random_layout(b: int, n: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """media_locations (b, n) and time_mask (b, t): each row its own density, padding and lead-in text."""
     density = torch.rand(b, 1, generator=generator)
@@ -35,14 +26,6 @@ def random_layout(b: int, n: int, t: int, generator: torch.Generator) -> tuple[t
     locations[:, : int(torch.randint(0, 4, (), generator=generator))] = False  # text before the first media
     time_mask = torch.rand(b, t, generator=generator) < 0.75
     return locations, time_mask
-
-
-def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_mask):
-    k, v = attn.project_media(media)
-    index = media_index(locations)
-    segmented = attn.attend(x, k, v, index, time_mask)
-    dense = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
-    return segmented, dense, index
 
 
 @pytest.mark.parametrize("seed", range(6))
