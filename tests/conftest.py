@@ -80,3 +80,19 @@ def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_ma
     segmented = attn.attend(x, k, v, index, time_mask)
     dense = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, time_mask))
     return segmented, dense, index
+
+
+def full_logits(model: FlamingoPaLM, text: torch.Tensor, **media) -> torch.Tensor:
+    """Last-position logits of a full pass (forward without its freezing side effect)."""
+    with torch.no_grad():
+        resampled = model.encode_media(text, **media)
+        return model.decode(text, resampled, media.get("time_mask"))[:, -1]
+
+
+def greedy_by_full_forward(model: FlamingoPaLM, text: torch.Tensor, steps: int = 10, **media) -> torch.Tensor:
+    """Greedy decoding by re-running the whole model on the whole sequence for every token (never the media token)."""
+    for _ in range(steps):
+        logits = full_logits(model, text, **media)
+        logits[:, TINY["media_token_id"]] = float("-inf")
+        text = torch.cat((text, logits.argmax(dim=-1, keepdim=True)), dim=1)
+    return text

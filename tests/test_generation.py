@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TINY, open_gates, tiny_image_encoder
+from conftest import IMAGE_SIZE, TINY, full_logits, greedy_by_full_forward, open_gates, tiny_image_encoder
 
 from flamingo_pytorch import FlamingoPaLM, PerceiverResampler
 from flamingo_pytorch import generation as generation_module
@@ -38,21 +38,6 @@ def images(b: int, t: int) -> torch.Tensor:
 def prompt(b: int, n: int, media_at: tuple[int, ...] = ()) -> torch.Tensor:
     text = torch.randint(4, TINY["num_tokens"], (b, n))
     text[:, list(media_at)] = MEDIA
-    return text
-
-
-def full_logits(model: FlamingoPaLM, text: torch.Tensor, **media) -> torch.Tensor:
-    """Last-position logits of a full pass (forward without its freezing side effect)."""
-    with torch.no_grad():
-        resampled = model.encode_media(text, **media)
-        return model.decode(text, resampled, media.get("time_mask"))[:, -1]
-
-
-def greedy_by_full_forward(model: FlamingoPaLM, text: torch.Tensor, steps: int = STEPS, **media) -> torch.Tensor:
-    for _ in range(steps):
-        logits = full_logits(model, text, **media)
-        logits[:, MEDIA] = float("-inf")
-        text = torch.cat((text, logits.argmax(dim=-1, keepdim=True)), dim=1)
     return text
 
 
