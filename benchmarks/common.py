@@ -45,12 +45,20 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
     parser.add_argument(
         "--autocast", choices=("none", "bf16"), default=None, help="default: bf16 on cuda, none (float32) on cpu"
     )
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size (e.g. to fill a GPU)")
+    parser.add_argument("--seq", type=int, default=None, help="override the text length n")
     parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<script>.json)")
     args = parser.parse_args()
     if args.autocast is None:
         args.autocast = "bf16" if args.device == "cuda" else "none"  # bf16 autocast on GPUs, float32 on CPU
     args.autocast = None if args.autocast == "none" else args.autocast
     return args
+
+
+def sized(config: dict, args: argparse.Namespace) -> dict:
+    """The config with ``--batch`` and ``--seq`` applied where given."""
+    overrides = {"batch": args.batch, "seq": args.seq}
+    return {**config, **{key: value for key, value in overrides.items() if value is not None}}
 
 
 def ensure_reference(ref_dir: str) -> str:
@@ -66,16 +74,21 @@ def ensure_reference(ref_dir: str) -> str:
 def run_cases(cases: list[dict], args: argparse.Namespace) -> list[dict]:
     """Measure cases (``case["impl"]`` is "ours" or "ref"), each in fresh processes.
 
-    Peak memory: one process per case (fixed mmap threshold, one measured step after warm-up).
+    Peak memory: on CPU one process per case (fixed mmap threshold, one measured step after
+    warm-up); on CUDA the first round's ``max_memory_allocated`` reading.
     Time: ``args.rounds`` rounds, each running one process per case in turn (default allocator,
     ``args.warmup`` untimed then ``reps / rounds`` timed steps), so that a burst of load on a
     shared machine falls on all the compared cases alike. The median is over all timed steps.
+    On CUDA each round runs all the cases of one implementation in one process.
     """
     defaults = {"device": args.device, "autocast": args.autocast, "warmup": args.warmup}
-    cases = [{**defaults, **case} for case in cases]
-    per_round = max(1, math.ceil(args.reps / args.rounds))
-    memory = [run_worker({**case, "reps": 1}, args, MALLOC_ENV) for case in cases]
-    rounds = [[run_worker({**case, "reps": per_round}, args, {}) for case in cases] for _ in range(args.rounds)]
+    cases = [{**defaults, **case, "reps": max(1, math.ceil(args.reps / args.rounds))} for case in cases]
+    if args.device == "cuda":  # the CUDA allocator's peak counter is exact in any process: no extra run
+        rounds = [run_by_impl(cases, args) for _ in range(args.rounds)]
+        memory = rounds[0]
+    else:
+        rounds = [[run_worker(case, args, {}) for case in cases] for _ in range(args.rounds)]
+        memory = [run_worker({**case, "reps": 1}, args, MALLOC_ENV) for case in cases]
     results = []
     for i, case in enumerate(cases):
         runs = [memory[i]] + [row[i] for row in rounds]
@@ -95,6 +108,8 @@ def run_cases(cases: list[dict], args: argparse.Namespace) -> list[dict]:
                 "memory_method": memory[i]["memory_method"],
                 "maxrss_above_build_mb": max(row[i]["maxrss_above_build_mb"] for row in rounds),
                 "warmup_s": rounds[0][i]["warmup_s"],
+                "gpu_busy_s": rounds[0][i].get("gpu_busy_s"),  # CUDA only: kernel time of one step
+                "kernels": rounds[0][i].get("kernels"),
                 "package": memory[i]["package"],
             }
         )
@@ -102,15 +117,30 @@ def run_cases(cases: list[dict], args: argparse.Namespace) -> list[dict]:
 
 
 def run_worker(case: dict, args: argparse.Namespace, extra_env: dict) -> dict:
-    path = str(ROOT) if case["impl"] == "ours" else ensure_reference(args.ref_dir)
+    return run_process([case], args, extra_env, batched=False)[0]
+
+
+def run_by_impl(cases: list[dict], args: argparse.Namespace) -> list[dict]:
+    """All the cases, one process per implementation (CUDA); results in the order of ``cases``."""
+    results = {}
+    for impl in dict.fromkeys(case["impl"] for case in cases):
+        indices = [i for i, case in enumerate(cases) if case["impl"] == impl]
+        batch = run_process([cases[i] for i in indices], args, {}, batched=True)
+        results.update(zip(indices, batch))
+    return [results[i] for i in range(len(cases))]
+
+
+def run_process(cases: list[dict], args: argparse.Namespace, extra_env: dict, batched: bool) -> list[dict]:
+    """Run ``worker.py`` once on the cases (all of one implementation): a list if ``batched``."""
+    path = str(ROOT) if cases[0]["impl"] == "ours" else ensure_reference(args.ref_dir)
     env = {**os.environ, **extra_env, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(case)], env=env, capture_output=True, text=True, check=False
-    )
+    payload = json.dumps(cases if batched else cases[0])
+    proc = subprocess.run([sys.executable, str(WORKER), payload], env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**case, "error": " | ".join(tail)}
-    return {**case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        return [{**case, "error": tail} for case in cases]
+    output = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [{**case, **result} for case, result in zip(cases, output if batched else [output])]
 
 
 def machine_info(args: argparse.Namespace) -> dict:

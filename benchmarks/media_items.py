@@ -12,7 +12,7 @@ scores every token against all t * 64 latents. Both project every item's keys an
 
 from __future__ import annotations
 
-from common import parse_args, print_table, run_cases, write_json
+from common import parse_args, print_table, run_cases, sized, write_json
 
 CONFIG = dict(dim=512, dim_head=64, heads=8, batch=2, seq=512, latents=64)
 MEDIA_ITEMS = (1, 4, 16, 32)
@@ -20,17 +20,18 @@ MEDIA_ITEMS = (1, 4, 16, 32)
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], reps=6, rounds=3)
+    config = sized(CONFIG, args)
     rows = []
     for phase in ("forward", "train"):
         for t in MEDIA_ITEMS:
-            case = {"kind": "block", "phase": phase, "images": t, "name": f"t={t} {phase}", **CONFIG}
+            case = {"kind": "block", "phase": phase, "images": t, "name": f"t={t} {phase}", **config}
             impls = ["ours"] if args.no_ref else ["ours", "ref"]
             pair = dict(zip(impls, run_cases([{**case, "impl": impl} for impl in impls], args)))
             for impl, result in pair.items():
                 print(f"{impl:4s} t={t:2d} {phase}: {result.get('median_s', result.get('error'))}", flush=True)
             ours, ref = pair["ours"], pair.get("ref", {})
             row = {"name": f"{phase}", "t": t, "impl": "ours vs ref"}
-            for key in ("median_s", "peak_mb"):
+            for key in ("median_s", "peak_mb", "gpu_busy_s"):
                 row[f"ours_{key}"], row[f"ref_{key}"] = ours.get(key), ref.get(key)
             if "median_s" in ours and "median_s" in ref:
                 row["speedup"] = ref["median_s"] / ours["median_s"]
@@ -47,8 +48,10 @@ def main() -> None:
         ("ref_peak_mb", "0.1.2 MB"),
         ("leaner", "x leaner"),
     ]
+    if args.device == "cuda":
+        columns += [("ours_gpu_busy_s", "ours GPU busy s"), ("ref_gpu_busy_s", "0.1.2 GPU busy s")]
     print_table("One gated cross-attention block vs media items t (ratios of medians)", rows, columns)
-    write_json("media_items", args, {"config": CONFIG, "rows": rows})
+    write_json("media_items", args, {"config": config, "rows": rows})
 
 
 if __name__ == "__main__":

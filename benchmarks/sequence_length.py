@@ -10,7 +10,7 @@ with full score matrices grows as n^2, everything else as n.
 
 from __future__ import annotations
 
-from common import parse_args, print_table, ratio, run_cases, write_json
+from common import parse_args, print_table, ratio, run_cases, sized, write_json
 from training_step import CONFIG
 
 LENGTHS = (256, 1024, 2048)
@@ -18,7 +18,7 @@ LENGTHS = (256, 1024, 2048)
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], reps=3, rounds=3)
-    config = {**CONFIG, "batch": 1}
+    config = sized({**CONFIG, "batch": 1}, args)  # --seq is ignored: the lengths are the sweep
     variants = [("ours", False), ("ours", True)] + ([] if args.no_ref else [("ref", False)])
     rows = []
     for n in LENGTHS:

@@ -11,18 +11,19 @@ eager, is the last column for scale.
 
 from __future__ import annotations
 
-from common import parse_args, print_table, ratio, run_cases, write_json
+from common import parse_args, print_table, ratio, run_cases, sized, write_json
 from training_step import CONFIG
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], reps=4, rounds=2, warmup=2)
+    config = sized(CONFIG, args)
     rows = []
     for phase in ("forward", "train"):
         row = {"name": f"flamingo {phase}"}
         variants = [("eager", "ours", False), ("compiled", "ours", True), ("ref", "ref", False)]
         variants = variants[:2] if args.no_ref else variants
-        case = {"kind": "model", **CONFIG, "mode": "flamingo", "phase": phase, "name": row["name"]}
+        case = {"kind": "model", **config, "mode": "flamingo", "phase": phase, "name": row["name"]}
         results = run_cases([{**case, "impl": impl, "compile": compiled} for _, impl, compiled in variants], args)
         for (key, _, _), result in zip(variants, results):
             row[f"{key}_s"], row[f"{key}_mb"] = result.get("median_s"), result.get("peak_mb")
@@ -44,7 +45,7 @@ def main() -> None:
         ("compiled_vs_ref", "x vs 0.1.2"),
     ]
     print_table("torch.compile on ours (ratios of medians)", rows, columns)
-    write_json("torch_compile", args, {"config": CONFIG, "rows": rows})
+    write_json("torch_compile", args, {"config": config, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from common import parse_args, print_table, ratio, run_cases, run_worker, write_json
+from common import parse_args, print_table, ratio, run_cases, run_worker, sized, write_json
 
 CONFIG = dict(
     num_tokens=20000,
@@ -74,10 +74,11 @@ def main() -> None:
     matmul = {"kind": "matmul", "impl": "ours", "shapes": MATMUL_SHAPES, "reps": 10, "warmup": 1}
     rate = run_worker({**matmul, "device": args.device, "autocast": args.autocast}, args, {})
     peak_rate = rate.get("best_gflops")
+    config = sized(CONFIG, args)
     rows = []
     for mode in ("text", "flamingo"):
         for phase in ("forward", "train"):
-            case = {"kind": "model", **CONFIG, "name": f"{mode} {phase}", "mode": mode, "phase": phase}
+            case = {"kind": "model", **config, "name": f"{mode} {phase}", "mode": mode, "phase": phase}
             group = [{**case, "impl": "ours"}] + ([] if args.no_ref else [{**case, "impl": "ref"}])
             if phase == "train":  # the loss from labels= (fused, chunked cross-entropy), then checkpointing too
                 base = {**case, "impl": "ours", "baseline": case["name"]}
@@ -87,7 +88,7 @@ def main() -> None:
                 group.append({**base, "checkpoint": True, "fused_loss": True, "name": "... + labels="})
             for row in run_cases(group, args):
                 if "median_s" in row:
-                    row["gflop"] = model_flops(CONFIG, mode, phase) / 1e9
+                    row["gflop"] = model_flops(config, mode, phase) / 1e9
                     row["gflops"] = row["gflop"] / row["median_s"]
                     row["of_matmul_rate"] = ratio(row["gflops"], peak_rate)
                 rows.append(row)
@@ -111,8 +112,10 @@ def main() -> None:
         ("gflops", "GFLOP/s"),
         ("of_matmul_rate", "of matmul"),
     ]
+    if args.device == "cuda":
+        columns += [("gpu_busy_s", "GPU busy s"), ("kernels", "kernels")]
     print_table("Training step (ours vs flamingo-pytorch 0.1.2; ratios of medians)", rows, columns)
-    write_json("training_step", args, {"config": CONFIG, "matmul": rate, "rows": rows})
+    write_json("training_step", args, {"config": config, "matmul": rate, "rows": rows})
 
 
 if __name__ == "__main__":

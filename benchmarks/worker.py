@@ -1,7 +1,9 @@
-"""Runs ONE benchmark case in this process and prints its result as a JSON line.
+"""Runs one benchmark case in this process and prints its result as a JSON line.
 
 Called by the benchmark scripts as ``python worker.py '<case json>'`` with PYTHONPATH set to
-either this checkout or the directory holding flamingo-pytorch 0.1.2 (same import name).
+either this checkout or the directory holding flamingo-pytorch 0.1.2 (same import name). On CUDA
+the scripts pass a JSON list of cases instead, run one after another in this process (each
+reading its own peak from the allocator), since starting a CUDA process can take 15 s.
 
 Memory: on CPU, the peak resident set size (VmHWM, reset through /proc/self/clear_refs) during
 the timed repetitions minus the resident set size just before them, after the model is built,
@@ -192,6 +194,24 @@ def matmul_case(case: dict, device: torch.device) -> dict:
     return {"gflops": rates, "best_gflops": max(rates.values())}
 
 
+def gpu_busy(step) -> dict:
+    """The summed duration and the number of the GPU kernels of one step (CUDA, via the profiler).
+
+    Against the step's wall time this separates GPU work from launch overhead: a step whose
+    kernels take a small part of its time is bound by the host, not the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        return {"gpu_busy_s": sum(event.time_range.elapsed_us() for event in kernels) / 1e6, "kernels": len(kernels)}
+    except Exception as error:  # the profiler is optional here: never lose the timings to it
+        return {"gpu_busy_error": repr(error)}
+
+
 def timed(step, case: dict, device: torch.device) -> list[float]:
     seconds = []
     for _ in range(case["reps"]):
@@ -205,13 +225,11 @@ def timed(step, case: dict, device: torch.device) -> list[float]:
     return seconds
 
 
-def main() -> None:
-    case = json.loads(sys.argv[1])
+def run_case(case: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(case["device"])
     if case["kind"] == "matmul":
-        print(json.dumps(matmul_case(case, device)))
-        return
+        return matmul_case(case, device)
     import flamingo_pytorch
 
     step = make_step(case, device)
@@ -233,7 +251,26 @@ def main() -> None:
         "maxrss_above_build_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - built_rss) / 2**20,
         "package": flamingo_pytorch.__file__,
     }
-    print(json.dumps(result))
+    if device.type == "cuda":
+        result.update(gpu_busy(step))
+    return result
+
+
+def main() -> None:
+    """One case (a JSON object) or, on CUDA, several (a JSON list) run one after another."""
+    payload = json.loads(sys.argv[1])
+    if isinstance(payload, dict):
+        print(json.dumps(run_case(payload)))
+        return
+    results = []
+    for case in payload:
+        try:
+            results.append(run_case(case))
+        except Exception as error:  # e.g. out of memory: report it and go on with the next case
+            results.append({"error": repr(error)})
+        release_memory()
+        torch.cuda.empty_cache()
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
