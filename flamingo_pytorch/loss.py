@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOGITS_PER_CHUNK = 1 << 22  # c * v, about 16 MiB of float32 logits per chunk
+LOGITS_PER_CHUNK = 1 << 22  # c * v, about 16 MiB of float32 logits per chunk ...
+MAX_CHUNKS = 16  # ... unless that makes more chunks than this: each costs ~20 kernel launches on a GPU
+
+
+def tokens_per_chunk(num_tokens: int, vocab: int) -> int:
+    """c: ``LOGITS_PER_CHUNK`` logits per chunk, or 1 / ``MAX_CHUNKS`` of them all if that is more."""
+    return max(1, LOGITS_PER_CHUNK // vocab, -(-num_tokens // MAX_CHUNKS))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -29,7 +35,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index  # (N,)
         count = valid.sum().clamp(min=1)
         targets = labels.where(valid, 0)[:, None]  # (N, 1), ignored rows point anywhere
-        chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        chunk = tokens_per_chunk(hidden.shape[0], weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None

@@ -28,6 +28,12 @@ def test_loss_and_gradients_match_plain_cross_entropy(monkeypatch, weight_trains
         assert_close(got, want)
 
 
+def test_chunks_hold_16_mib_of_logits_or_a_sixteenth_of_them():
+    assert loss_module.tokens_per_chunk(1024, 20000) == 209  # 2**22 // 20000: 5 chunks of 16 MiB
+    assert loss_module.tokens_per_chunk(16384, 20000) == 1024  # 16 chunks, not 79
+    assert loss_module.tokens_per_chunk(5, 10**7) == 1
+
+
 def test_without_gradients_and_without_labelled_tokens():
     hidden, weight = torch.randn(1, 4, 8), torch.randn(10, 8)
     labels = torch.randint(0, 10, (1, 4))
