@@ -1,0 +1,38 @@
+"""The benchmark harness's worker, in the mode a GPU run uses: several cases in one process.
+
+GPU runs are rare and short, so the path they take is checked here, on the CPU, with tiny cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import common
+
+
+def block_case(**overrides) -> dict:
+    case = dict(kind="block", impl="ours", phase="train", device="cpu", autocast=None, warmup=1, reps=2)
+    case.update(dim=16, dim_head=4, heads=2, batch=1, seq=12, latents=3, images=2, name="tiny")
+    return {**case, **overrides}
+
+
+def test_cases_of_one_implementation_share_a_process_and_keep_their_order():
+    args = argparse.Namespace(ref_dir="/nonexistent", threads=1)
+    cases = [block_case(images=1), block_case(images=-1), block_case(images=3, phase="forward")]
+    results = common.run_by_impl(cases, args)
+    assert [result["images"] for result in results] == [1, -1, 3]
+    assert "negative dimension" in results[1]["error"]  # a failing case is reported, the others still run
+    for result in (results[0], results[2]):
+        assert "error" not in result
+        assert len(result["seconds"]) == 2
+        assert result["peak_mb"] >= 0
+        assert result["package"].startswith(str(common.ROOT))  # this checkout, not 0.1.2
+
+
+def test_sizes_override_the_configuration():
+    args = argparse.Namespace(batch=8, seq=None)
+    assert common.sized({"batch": 2, "seq": 512, "dim": 64}, args) == {"batch": 8, "seq": 512, "dim": 64}
