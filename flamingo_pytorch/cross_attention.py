@@ -148,13 +148,17 @@ class MaskedCrossAttention(nn.Module):
         """x (b, n, d) reads projected media k, v (b, h, t, m, k); index (b, n) as in ``media_index``.
 
         ``index`` must not decrease along n (a running count does not). In immediate mode the scores
-        are computed per item segment (``attend_immediate``), so their cost does not grow with t.
+        are computed per item segment (``attend_immediate``), or for texts no longer than t, such as
+        a decoding step, per token (``attend_per_token``), so their cost does not grow with t.
         """
         q = self.to_q(self.norm(x))  # (b, n, h k)
-        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[0] * x.shape[1] > 0:
-            out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
-        else:
+        (b, n), t = x.shape[:2], k.shape[2]
+        if not (self.only_attend_immediate_media and index is not None and t > 0 and b * n > 0):
             out = self.attend_dense(q, k, v, index, time_mask)
+        elif n <= t:  # e.g. decoding, n = 1: gather each token's item
+            out = attend_per_token(q, k, v, index, time_mask)  # (b, n, h k)
+        else:
+            out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
         return self.to_out(out)
 
     def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
@@ -176,6 +180,35 @@ class MaskedCrossAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, h, n, k)
             out = out.masked_fill(~rearrange(sees_media, "b n -> b 1 n 1"), 0.0)
         return rearrange(out, "b h n k -> b n (h k)")
+
+
+def token_items(index: Tensor, time_mask: Tensor | None, num_media: int) -> tuple[Tensor, Tensor]:
+    """Media index (b, n) -> each token's 0-based item (b, n) long, clamped into 0..t-1, and reads
+    (b, n) bool: False for tokens that read nothing (index 0, index > t, or a padded item)."""
+    index = index.long()
+    item = (index - 1).clamp(0, num_media - 1)
+    reads = (index >= 1) & (index <= num_media)
+    if time_mask is not None:
+        reads = reads & time_mask.gather(1, item)
+    return item, reads
+
+
+def attend_per_token(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """Each token reads a gathered copy of its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
+
+    Copies n items' keys and values, so ``attend`` uses it only for n <= t (the copies are then no
+    larger than k and v): a decoding step reads one item in a handful of kernels, where the chunk
+    layout of ``attend_immediate`` would take dozens. Tokens that read nothing give exactly zero.
+    """
+    b, (heads, t) = q.shape[0], k.shape[1:3]
+    item, reads = token_items(index, time_mask, t)  # (b, n) each
+    flat_item = rearrange(item + torch.arange(b, device=q.device)[:, None] * t, "b n -> (b n)")
+    k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
+    k_token, v_token = k_items.index_select(0, flat_item), v_items.index_select(0, flat_item)  # (b n, h, m, k)
+    q_token = rearrange(q, "b n (h k) -> (b n) h 1 k", h=heads)
+    out = F.scaled_dot_product_attention(q_token, k_token, v_token)  # (b n, h, 1, k)
+    out = rearrange(out, "(b n) h 1 k -> b n (h k)", b=b)
+    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
 
 
 def immediate_chunk_size(num_text: int, num_media: int, num_latents: int) -> int:
@@ -243,10 +276,7 @@ def immediate_chunks(
     chunk_token = (rearrange(first, "b s -> b s 1") + torch.arange(chunk, device=device)).clamp(0, n - 1)
     chunk_token = rearrange(chunk_token, "b s c -> b (s c)")
 
-    item = (index - 1).clamp(0, t - 1)  # (b, n) 0-based item of each token
-    reads = (index >= 1) & (index <= t)
-    if time_mask is not None:
-        reads = reads & time_mask.gather(1, item)
+    item, reads = token_items(index, time_mask, t)  # (b, n) each
     offset = torch.arange(n, device=device) - starts.gather(1, item)  # (b, n) position in its segment
     # Rows past an item's first chunk continue in its overflow chunks, which are consecutive.
     overflow_row = (t + extra_start.gather(1, item)) * chunk + offset - chunk

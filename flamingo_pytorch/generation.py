@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_same_device, check_shape
+from flamingo_pytorch.cross_attention import token_items
 from flamingo_pytorch.palm import KVCache
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
@@ -163,12 +164,8 @@ def immediate_media(state: GenerationState, index: Tensor) -> tuple[Tensor, Tens
     The returned index and time_mask describe the single gathered item, so a decoding step
     costs the same however many media items the conversation holds.
     """
-    index = index[:, 0]  # (b,)
-    item = (index - 1).clamp(0, state.num_media - 1)  # (b,) 0-based
-    present = (index >= 1) & (index <= state.num_media)
-    if state.time_mask is not None:
-        present = present & state.time_mask.gather(1, item[:, None])[:, 0]
-    return item, torch.ones_like(index[:, None]), present[:, None]
+    item, present = token_items(index, state.time_mask, state.num_media)  # (b, 1) each
+    return item[:, 0], torch.ones_like(index), present
 
 
 def cross_attend(

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, dense_and_segmented, open_gates, tiny_image_encoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flamingo_pytorch import FlamingoPaLM, PaLM
+from flamingo_pytorch import FlamingoPaLM, PaLM, cross_attention
 from flamingo_pytorch.cross_attention import (
     MaskedCrossAttention,
     immediate_chunk_size,
@@ -154,6 +154,53 @@ def test_one_token_steps_with_offset_indices_match_the_full_text():
     steps = torch.cat([attn.attend(x[:, i : i + 1], k, v, index[:, i : i + 1], time_mask) for i in range(12)], dim=1)
     torch.testing.assert_close(steps, full)
     torch.testing.assert_close(attn.attend(x, k, v, index.int(), time_mask), full)  # any integer dtype
+
+
+@pytest.mark.parametrize(("n", "t"), [(1, 1), (1, 4), (3, 3), (5, 8)])
+def test_texts_no_longer_than_the_media_attend_per_token(monkeypatch, n, t):
+    """n <= t (a decoding step has n = 1): each token reads a gathered copy of its own item, with no
+    chunk layout; equal to the dense reference, gradients and exact zeros included, for running
+    indices that start anywhere (0, inside, past t)."""
+
+    def no_layout(*args, **kwargs):
+        raise AssertionError("the chunk layout ran for a text no longer than the media")
+
+    monkeypatch.setattr(cross_attention, "immediate_chunks", no_layout)
+    generator = torch.Generator().manual_seed(n * 10 + t)
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
+    b = 8
+    x = torch.randn(b, n, 16, generator=generator, requires_grad=True)
+    media = torch.randn(b, t, 3, 16, generator=generator, requires_grad=True)
+    locations, time_mask = random_layout(b, n, t, generator)
+    offset = torch.randint(0, t + 2, (b, 1), generator=generator)  # media tokens before this text
+    index = media_index(locations) + offset
+    k, v = attn.project_media(media)
+    for mask in (time_mask, None):
+        got = attn.attend(x, k, v, index, mask)
+        want = attn.to_out(attn.attend_dense(attn.to_q(attn.norm(x)), k, v, index, mask))
+        torch.testing.assert_close(got, want)
+        reads = (index >= 1) & (index <= t)
+        if mask is not None:
+            reads &= mask.gather(1, (index - 1).clamp(0, t - 1))
+        assert torch.equal(got[~reads], torch.zeros_like(got[~reads]))
+        cotangent = torch.randn(got.shape, generator=generator)
+        grads = torch.autograd.grad(got, (x, media), cotangent, retain_graph=True)
+        expected = torch.autograd.grad(want, (x, media), cotangent, retain_graph=True)
+        for grad, expected_grad in zip(grads, expected):
+            torch.testing.assert_close(grad, expected_grad)
+
+
+def test_texts_longer_than_the_media_use_the_chunk_layout(monkeypatch):
+    def no_gather(*args, **kwargs):
+        raise AssertionError("per-token gathering ran for a text longer than the media")
+
+    monkeypatch.setattr(cross_attention, "attend_per_token", no_gather)
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
+    locations = torch.zeros(2, 5, dtype=torch.bool)
+    locations[:, [0, 2]] = True
+    x, media = torch.randn(2, 5, 16), torch.randn(2, 4, 3, 16)
+    segmented, dense, _ = dense_and_segmented(attn, x, media, locations, None)
+    torch.testing.assert_close(segmented, dense)
 
 
 def flamingo_batch(n: int = 12, t: int = 2):
