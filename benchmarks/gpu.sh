@@ -4,6 +4,9 @@
 #     bash benchmarks/gpu.sh [extra flags for every script, e.g. --reps 10]
 # Results go to benchmarks/results/*_cuda.json. Memory is torch.cuda.max_memory_allocated above
 # the level before the timed steps; 0.1.2 is installed into $FLAMINGO_REF_DIR (default /tmp/ref012).
+# On CUDA each script starts two processes per round (ours, 0.1.2), and a CUDA process took about
+# 15 s to start on the H200 we measured: with `--rounds 2`, expect roughly 6 minutes in all.
+# `--batch 8 --seq 2048` gives the GPU enough work per kernel launch to measure it, not the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
