@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/generation.py --quick    # a smoke run with a tiny model
 
 Greedy decoding, batch 1, CPU float32, 2 threads, precomputed image features (256 patches per
-image) so that every route does the same work. Prints a table and writes JSON.
+image) so that every route does the same work. Prints a table and writes JSON. ``--device cuda``
+and ``--dtype bfloat16`` run every route on a GPU and/or with the model's weights in bf16.
 
 The routes:
     cached    FlamingoPaLM.generate: media encoded and projected once, one KV-cached step per token.
@@ -47,26 +48,41 @@ REF_WORKAROUNDS = [
 ]
 
 
-def make_prompt(length: int, num_images: int, dim: int, num_tokens: int, media_token_id: int):
-    """A random prompt of ``length`` tokens with ``num_images`` media tokens spread over it, and features."""
+def make_prompt(length: int, num_images: int, dim: int, num_tokens: int, media_token_id: int, place: dict):
+    """A random prompt of ``length`` tokens with ``num_images`` media tokens spread over it, and features.
+
+    ``place``: the device and dtype of the model, e.g. ``dict(device="cuda", dtype=torch.bfloat16)``.
+    """
     generator = torch.Generator().manual_seed(length * 100 + num_images)
     text = torch.randint(4, num_tokens, (1, length), generator=generator)
     text[0, torch.linspace(0, length - 8, num_images).long()] = media_token_id
-    return text, torch.randn(1, num_images, PATCHES, dim, generator=generator)
+    embeds = torch.randn(1, num_images, PATCHES, dim, generator=generator)
+    return text.to(place["device"]), embeds.to(**place)
 
 
 def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up run (GPU work included)."""
     fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def build_ours(model_config: dict, perceiver_config: dict, num_time_embeds: int):
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def placement(args) -> dict:
+    return dict(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def build_ours(model_config: dict, perceiver_config: dict, num_time_embeds: int, place: dict):
     from flamingo_pytorch import FlamingoPaLM
 
     torch.manual_seed(0)
@@ -74,15 +90,16 @@ def build_ours(model_config: dict, perceiver_config: dict, num_time_embeds: int)
     for block in model.gated_cross_attn:  # open the gates, as after training
         torch.nn.init.constant_(block.attn_gate, 0.5)
         torch.nn.init.constant_(block.ff_gate, 0.5)
-    return model
+    return model.to(**place)
 
 
 def run_cases(args, model_config: dict, perceiver_config: dict, cases: list) -> tuple[list[dict], dict]:
     """Each case's routes back to back (ours, then 0.1.2 in its process), so they share the machine's load."""
-    model = build_ours(model_config, perceiver_config, num_time_embeds=16)
+    place = placement(args)
+    model = build_ours(model_config, perceiver_config, num_time_embeds=16, place=place)
     rows, reference = [], {}
     for length, num_images in cases:
-        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config))
+        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config), place=place)
         media = dict(image_embeds=embeds, temperature=0)
         cached = partial(model.generate, text, max_new_tokens=args.new_tokens, **media)
         uncached = partial(model.generate, text, max_new_tokens=args.uncached_steps, use_cache=False, **media)
@@ -113,10 +130,11 @@ def token_ids(model_config: dict) -> dict:
 
 def step_time_by_images(args, model_config: dict, perceiver_config: dict, length: int) -> list[dict]:
     """Median time of one cached decoding step after a prompt with 1, 4 and 16 images."""
-    model = build_ours(model_config, perceiver_config, num_time_embeds=16)
+    place = placement(args)
+    model = build_ours(model_config, perceiver_config, num_time_embeds=16, place=place)
     rows = []
     for num_images in (1, 4, 16):
-        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config))
+        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config), place=place)
         state = model.prefill(text, image_embeds=embeds, max_new_tokens=args.step_tokens * 4)
         step_s = timed(
             lambda state=state: model.generate_from(state, max_new_tokens=args.step_tokens, temperature=0), 3
@@ -131,7 +149,13 @@ def run_reference(args, model_config: dict, perceiver_config: dict, cases: list)
         print(f"  0.1.2 not found under {args.ref_path}: skipped (see the module docstring to install it)")
         return dict(skipped=f"flamingo-pytorch 0.1.2 not found under {args.ref_path}")
     job = dict(
-        model=model_config, perceiver=perceiver_config, cases=cases, steps=args.uncached_steps, threads=args.threads
+        model=model_config,
+        perceiver=perceiver_config,
+        cases=cases,
+        steps=args.uncached_steps,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
     )
     env = dict(os.environ, PYTHONPATH=args.ref_path)
     command = [sys.executable, __file__, "--ref-worker", json.dumps(job)]
@@ -154,10 +178,12 @@ def reference_worker(job: dict) -> None:
     model = FlamingoPaLM(**model_config, **perceiver_config, img_encoder=torch.nn.Identity()).eval()
     resampler = model.perceiver_resampler
     resampler.media_pos_emb = torch.nn.Parameter(torch.randn(16, 1, model_config["dim"]))
+    place = dict(device=job["device"], dtype=getattr(torch, job["dtype"]))
+    model.to(**place)
     media_token_id = model_config["media_token_id"]
     rows = []
     for length, num_images in job["cases"]:
-        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config))
+        text, embeds = make_prompt(length, num_images, model_config["dim"], **token_ids(model_config), place=place)
 
         def decode(text=text, embeds=embeds):
             tokens = text
@@ -173,7 +199,8 @@ def reference_worker(job: dict) -> None:
 
 def print_tables(result: dict) -> None:
     steps = result["uncached_steps_timed"]
-    print(f"\nGreedy decoding, {result['new_tokens']} new tokens, batch 1, CPU float32, {result['threads']} threads")
+    where = f"{result['device']} {result['dtype']}, {result['threads']} CPU threads"
+    print(f"\nGreedy decoding, {result['new_tokens']} new tokens, batch 1, {where}")
     print(f"(uncached routes: tokens/s over their first {steps} new tokens, an upper bound)\n")
     print("| prompt | images | cached tok/s | uncached tok/s | 0.1.2 tok/s | cached / uncached | cached / 0.1.2 |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -200,6 +227,8 @@ def main() -> None:
     parser.add_argument("--step-tokens", type=int, default=32, help="decoding steps timed per image count")
     parser.add_argument("--repeats", type=int, default=3, help="median over this many cached runs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's weights")
     parser.add_argument("--ref-path", default="/tmp/ref012", help="where flamingo-pytorch 0.1.2 is installed")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/generation[_quick].json)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and short prompts, for a smoke run")
@@ -212,7 +241,7 @@ def main() -> None:
     cases = [(16, 1), (32, 2)] if args.quick else [(128, 1), (128, 8), (512, 1), (512, 8)]
     if args.quick:
         args.new_tokens, args.uncached_steps, args.step_tokens, args.repeats = 8, 2, 4, 1
-    print(f"torch {torch.__version__}, {args.threads} threads; model {model_config}, {PATCHES} patches per image")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}; model {model_config}")
     rows, reference = run_cases(args, model_config, perceiver_config, cases)
     result = dict(
         model=model_config,
@@ -221,6 +250,9 @@ def main() -> None:
         new_tokens=args.new_tokens,
         uncached_steps_timed=args.uncached_steps,
         threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
         torch=torch.__version__,
         machine=platform.processor() or platform.machine(),
         rows=rows,
@@ -231,7 +263,8 @@ def main() -> None:
     for note in result["reference_0_1_2"].get("workarounds", []):
         print(f"0.1.2 workaround: {note}")
     if args.out is None:
-        args.out = str(Path(__file__).parent / "results" / f"generation{'_quick' if args.quick else ''}.json")
+        suffix = ("_quick" if args.quick else "") + ("" if args.device == "cpu" else f"_{args.device}")
+        args.out = str(Path(__file__).parent / "results" / f"generation{suffix}.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The device tests, then every benchmark on a CUDA GPU with bf16 autocast, ours against
-# flamingo-pytorch 0.1.2:
-#     bash benchmarks/gpu.sh [extra flags for every script, e.g. --reps 10]
+# The device tests, then every benchmark on a CUDA GPU with bf16 autocast (generation: bf16
+# weights), ours against flamingo-pytorch 0.1.2:
+#     bash benchmarks/gpu.sh [extra flags for the four model benchmarks, e.g. --rounds 2]
 # Results go to benchmarks/results/*_cuda.json. Memory is torch.cuda.max_memory_allocated above
 # the level before the timed steps; 0.1.2 is installed into $FLAMINGO_REF_DIR (default /tmp/ref012).
 # On CUDA each script starts two processes per round (ours, 0.1.2), and a CUDA process took about
@@ -15,3 +15,4 @@ python="${PYTHON:-python}"
 for script in training_step media_items sequence_length torch_compile; do
     "$python" "benchmarks/$script.py" --device cuda --autocast bf16 "$@"
 done
+"$python" benchmarks/generation.py --device cuda --dtype bfloat16 --ref-path "${FLAMINGO_REF_DIR:-/tmp/ref012}"
