@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_same_device, check_shape
-from flamingo_pytorch.cross_attention import token_items
+from flamingo_pytorch.immediate_media import token_items
 from flamingo_pytorch.palm import KVCache
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 

@@ -7,7 +7,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from flamingo_pytorch import FlamingoPaLM, MaskedCrossAttention, cross_attention
+from flamingo_pytorch import FlamingoPaLM, MaskedCrossAttention, immediate_media
 from flamingo_pytorch.cross_attention import media_index
 
 TINY = dict(
@@ -69,7 +69,7 @@ def overflow_sizing(request, monkeypatch):
     """Run a test with the overflow chunks sized to the data (the CPU's eager path) and with the
     static bound that accelerators and torch.compile use."""
     exact = request.param == "exact"
-    monkeypatch.setattr(cross_attention, "sizes_overflow_exactly", lambda device: exact)
+    monkeypatch.setattr(immediate_media, "sizes_overflow_exactly", lambda device: exact)
     return request.param
 
 

@@ -9,14 +9,9 @@ import torch
 from conftest import TINY, dense_and_segmented, open_gates, tiny_image_encoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flamingo_pytorch import FlamingoPaLM, PaLM, cross_attention
-from flamingo_pytorch.cross_attention import (
-    MaskedCrossAttention,
-    immediate_chunk_size,
-    immediate_chunks,
-    immediate_num_overflow,
-    media_index,
-)
+from flamingo_pytorch import FlamingoPaLM, PaLM, immediate_media
+from flamingo_pytorch.cross_attention import MaskedCrossAttention, media_index
+from flamingo_pytorch.immediate_media import immediate_chunk_size, immediate_chunks, immediate_num_overflow
 
 
 def random_layout(b: int, n: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,17 +151,20 @@ def test_one_token_steps_with_offset_indices_match_the_full_text():
     torch.testing.assert_close(attn.attend(x, k, v, index.int(), time_mask), full)  # any integer dtype
 
 
-@pytest.mark.parametrize(("n", "t"), [(1, 1), (1, 4), (3, 3), (5, 8)])
-def test_texts_no_longer_than_the_media_attend_per_token(monkeypatch, n, t):
-    """n <= t (a decoding step has n = 1): each token reads a gathered copy of its own item, with no
-    chunk layout; equal to the dense reference, gradients and exact zeros included, for running
-    indices that start anywhere (0, inside, past t)."""
+def forbid(monkeypatch, *paths: str) -> None:
+    """Make the named functions of ``immediate_media`` fail if called."""
+    for path in paths:
 
-    def no_layout(*args, **kwargs):
-        raise AssertionError("the chunk layout ran for a text no longer than the media")
+        def fail(*args, path=path, **kwargs):
+            raise AssertionError(f"{path} ran")
 
-    monkeypatch.setattr(cross_attention, "immediate_chunks", no_layout)
-    generator = torch.Generator().manual_seed(n * 10 + t)
+        monkeypatch.setattr(immediate_media, path, fail)
+
+
+def check_against_dense(n: int, t: int, seed: int) -> None:
+    """attend() on a random layout equals the dense reference, gradients and exact zeros included,
+    for running indices that start anywhere (0, inside, past t) as in decoding."""
+    generator = torch.Generator().manual_seed(seed)
     attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
     b = 8
     x = torch.randn(b, n, 16, generator=generator, requires_grad=True)
@@ -190,17 +188,23 @@ def test_texts_no_longer_than_the_media_attend_per_token(monkeypatch, n, t):
             torch.testing.assert_close(grad, expected_grad)
 
 
-def test_texts_longer_than_the_media_use_the_chunk_layout(monkeypatch):
-    def no_gather(*args, **kwargs):
-        raise AssertionError("per-token gathering ran for a text longer than the media")
+@pytest.mark.parametrize(("n", "t"), [(1, 4), (3, 3), (5, 8)])
+def test_texts_no_longer_than_the_media_gather_each_tokens_item(monkeypatch, n, t):
+    """n <= t (a decoding step has n = 1): each token reads a gathered copy of its own item."""
+    forbid(monkeypatch, "immediate_chunks", "attend_one_item")
+    check_against_dense(n, t, seed=n * 10 + t)
 
-    monkeypatch.setattr(cross_attention, "attend_per_token", no_gather)
-    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2)
-    locations = torch.zeros(2, 5, dtype=torch.bool)
-    locations[:, [0, 2]] = True
-    x, media = torch.randn(2, 5, 16), torch.randn(2, 4, 3, 16)
-    segmented, dense, _ = dense_and_segmented(attn, x, media, locations, None)
-    torch.testing.assert_close(segmented, dense)
+
+@pytest.mark.parametrize("n", [1, 12])
+def test_a_single_item_is_read_in_place(monkeypatch, n):
+    forbid(monkeypatch, "immediate_chunks", "attend_per_token")
+    check_against_dense(n, 1, seed=n)
+
+
+@pytest.mark.parametrize(("n", "t"), [(5, 4), (40, 3)])
+def test_longer_texts_use_the_chunk_layout(monkeypatch, n, t):
+    forbid(monkeypatch, "attend_per_token", "attend_one_item")
+    check_against_dense(n, t, seed=n + t)
 
 
 def flamingo_batch(n: int = 12, t: int = 2):

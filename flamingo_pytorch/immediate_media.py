@@ -1,0 +1,204 @@
+"""Immediate-media cross-attention: each text token reads the latents of one media item only.
+
+Shapes:
+    b batch, n text length, t media items, m latents per media item, h heads, k head width,
+    c tokens per chunk, o overflow chunks.
+
+In the paper's setting a token reads only the item of its media index j (see
+``cross_attention.media_index``); the tokens of one item are contiguous. A dense masked attention
+would score every token against all t * m latents and throw most away; the paths here score each
+token against its own item's m latents only, so the work does not grow with t:
+
+    one item (t = 1)     attend to it in place                       ``attend_one_item``
+    n <= t (decoding)    gather each token's item                    ``attend_per_token``
+    otherwise            lay the text out in chunks of one item each  ``attend_by_chunks``
+
+Tokens that read nothing (index 0, index > t, or a padded item) give exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor
+
+
+def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """q (b, n, h k) reads only its own item of k, v (b, h, t, m, k) -> (b, n, h k); needs t > 0.
+
+    ``index`` (b, n) is each token's non-decreasing media index, ``time_mask`` (b, t) bool or None.
+    """
+    n, t = q.shape[1], k.shape[2]
+    if t == 1:
+        return attend_one_item(q, k, v, index, time_mask)
+    if n <= t:
+        return attend_per_token(q, k, v, index, time_mask)
+    return attend_by_chunks(q, k, v, index, time_mask)
+
+
+def token_items(index: Tensor, time_mask: Tensor | None, num_media: int) -> tuple[Tensor, Tensor]:
+    """Media index (b, n) -> each token's 0-based item (b, n) long, clamped into 0..t-1, and reads
+    (b, n) bool: False for tokens that read nothing (index 0, index > t, or a padded item)."""
+    index = index.long()
+    item = (index - 1).clamp(0, num_media - 1)
+    reads = (index >= 1) & (index <= num_media)
+    if time_mask is not None:
+        reads = reads & time_mask.gather(1, item)
+    return item, reads
+
+
+def attend_one_item(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """t = 1: every token that reads anything reads the single item, in place: q (b, n, h k),
+    k, v (b, h, 1, m, k) -> (b, n, h k). Tokens that read nothing give exactly zero."""
+    heads = k.shape[1]
+    _, reads = token_items(index, time_mask, 1)  # (b, n)
+    q = rearrange(q, "b n (h k) -> b h n k", h=heads)
+    out = F.scaled_dot_product_attention(q, k[:, :, 0], v[:, :, 0])  # (b, h, n, k)
+    out = rearrange(out, "b h n k -> b n (h k)")
+    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
+
+
+def attend_per_token(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """Each token reads a gathered copy of its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
+
+    Copies n items' keys and values, so ``attend_immediate`` uses it only for n <= t (the copies are then no
+    larger than k and v): a decoding step reads one item in a handful of kernels, where the chunk
+    layout of ``attend_by_chunks`` would take dozens. Tokens that read nothing give exactly zero.
+    """
+    b, heads = q.shape[0], k.shape[1]
+    item, reads = token_items(index, time_mask, k.shape[2])  # (b, n) each
+    k_token, v_token = gather_items(k, v, item)  # (b n, h, m, k) each
+    q_token = rearrange(q, "b n (h k) -> (b n) h 1 k", h=heads)
+    out = F.scaled_dot_product_attention(q_token, k_token, v_token)  # (b n, h, 1, k)
+    out = rearrange(out, "(b n) h 1 k -> b n (h k)", b=b)
+    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
+
+
+def gather_items(k: Tensor, v: Tensor, item: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of the items ``item`` (b, s) 0-based of k, v (b, h, t, m, k) -> each (b s, h, m, k)."""
+    b, t = k.shape[0], k.shape[2]
+    flat_item = rearrange(item + torch.arange(b, device=k.device)[:, None] * t, "b s -> (b s)")
+    k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
+    return k_items.index_select(0, flat_item), v_items.index_select(0, flat_item)
+
+
+def immediate_chunk_size(num_text: int, num_media: int, num_latents: int) -> int:
+    """Tokens per chunk c for ``attend_by_chunks``: sqrt(n m / t), kept between ceil(n / t) and 4 ceil(n / t).
+
+    The first chunks attend t c rows; the o ~ n / c overflow chunks copy o m latents. Their sum
+    t c + (n / c) m is least at c = sqrt(n m / t): at n = 512, t = 32, m = 64, c = 32.
+    """
+    smallest = max(1, -(-num_text // max(num_media, 1)))
+    balanced = math.isqrt(num_text * num_latents // max(num_media, 1))
+    return max(smallest, min(balanced, 4 * smallest, num_text))
+
+
+def immediate_num_overflow(num_text: int, chunk: int) -> int:
+    """The most overflow chunks (see ``immediate_chunks``) that segments of n tokens in all can need.
+
+    A segment of l > c tokens needs ceil((l - c) / c) <= (l - 1) // c overflow chunks, and the
+    (l - 1) // c of segments with lengths summing to at most n sum to at most (n - 1) // c.
+    """
+    return max(num_text - 1, 0) // chunk
+
+
+def immediate_chunks(
+    index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int, *, exact: bool = False
+) -> tuple[Tensor, ...]:
+    """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens.
+
+    Item j's first c tokens fill first chunk j, which reads item j; the rest of its segment goes
+    into overflow chunks, o slots after the t first chunks. Unless ``exact``, every shape depends
+    only on b, n, t and c (o = ``immediate_num_overflow``).
+
+    Args:
+        index: (b, n) non-decreasing media index of each token.
+        time_mask: (b, t) bool or None.
+        num_media: t.
+        chunk: c, tokens per chunk.
+        exact: o is the number of overflow chunks the data needs (read back from the tensors: a
+            host sync), rather than ``immediate_num_overflow``, the most any data can need.
+
+    Returns:
+        chunk_token: (b, (t + o) c) the token each chunk row holds (rows past a segment's end
+            hold a clamped, unused token); overflow_item: (b, o) the 0-based item each overflow
+            chunk reads; token_row: (b, n) the chunk row (in (t + o) c) holding each token;
+            reads: (b, n) bool, False for tokens that read nothing (index 0, index > t, or a
+            padded item).
+    """
+    index = index.long().contiguous()  # searchsorted wants a contiguous boundary tensor, gather int64
+    b, n = index.shape
+    t = num_media
+    device = index.device
+    items = torch.arange(1, t + 1, device=device).expand(b, t).contiguous()  # (b, t) 1-based item numbers
+    starts = torch.searchsorted(index, items)  # (b, t) first token of each item's segment
+    lengths = torch.searchsorted(index, items, right=True) - starts  # (b, t)
+    if time_mask is not None:
+        lengths = lengths * time_mask  # padded items get no overflow chunks
+    extra = ((lengths - chunk).clamp(min=0) + chunk - 1) // chunk  # (b, t) overflow chunks of each item
+    extra_end = extra.cumsum(dim=-1)  # (b, t)
+    extra_start = extra_end - extra  # (b, t)
+    o = int(extra_end[:, -1].max()) if exact and b > 0 else immediate_num_overflow(n, chunk)
+
+    slot = torch.arange(o, device=device).expand(b, o).contiguous()  # (b, o)
+    overflow_item = torch.searchsorted(extra_end, slot, right=True).clamp(max=t - 1)  # (b, o); unused -> t - 1
+    overflow_first = starts.gather(1, overflow_item) + (slot - extra_start.gather(1, overflow_item) + 1) * chunk
+    first = torch.cat((starts, overflow_first), dim=1)  # (b, t + o) first token of each chunk
+    chunk_token = (rearrange(first, "b s -> b s 1") + torch.arange(chunk, device=device)).clamp(0, n - 1)
+    chunk_token = rearrange(chunk_token, "b s c -> b (s c)")
+
+    item, reads = token_items(index, time_mask, t)  # (b, n) each
+    offset = torch.arange(n, device=device) - starts.gather(1, item)  # (b, n) position in its segment
+    # Rows past an item's first chunk continue in its overflow chunks, which are consecutive.
+    overflow_row = (t + extra_start.gather(1, item)) * chunk + offset - chunk
+    token_row = torch.where(offset < chunk, item * chunk + offset, overflow_row)
+    token_row = token_row.where(reads, 0)  # (b, n)
+    return chunk_token, overflow_item, token_row, reads
+
+
+def sizes_overflow_exactly(device: torch.device) -> bool:
+    """Whether ``attend_by_chunks`` sizes its overflow chunks to the data, which reads a count back
+    from the tensors: only on the CPU, where that costs nothing, and never while being compiled or
+    traced (a traced graph would keep the count of its example)."""
+    if device.type != "cpu" or torch.jit.is_tracing():
+        return False
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling as compiling
+    return not compiling()
+
+
+def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
+
+    The tokens of one item are contiguous. Each item's first c >= n / t tokens form its first chunk,
+    which attends to the item's keys and values where they are (no copy); the rest of long
+    segments fill o <= (n - 1) / c overflow chunks, each reading a copy of its item's keys and
+    values. Every chunk attends without a mask, so the score work is (t c + o c) m <= (5 n + 4 t) m
+    whatever the layout, and no (n, t m) mask is built. On accelerators and under
+    ``torch.compile`` no shape depends on the data (no host sync; o is the most any layout can
+    need); on the CPU, where a sync is free, o is what the layout needs. Tokens that read nothing
+    give exactly zero.
+    """
+    (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
+    chunk = immediate_chunk_size(n, t, m)
+    exact = sizes_overflow_exactly(q.device)
+    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk, exact=exact)
+    k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
+    first_rows = chunk_token[:, : t * chunk]  # (b, t c)
+    q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)
+    q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
+    out = F.scaled_dot_product_attention(q_first, k_items, v_items)  # (b t, h, c, k)
+    out = rearrange(out, "(b t) h c k -> b (t c) (h k)", b=b)
+    if overflow_item.shape[1] > 0:
+        over_rows = chunk_token[:, t * chunk :]  # (b, o c)
+        q_over = q.gather(1, repeat(over_rows, "b r -> b r i", i=inner))  # (b, o c, h k)
+        q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
+        k_over, v_over = gather_items(k, v, overflow_item)  # (b o, h, m, k) each
+        out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
+        out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
+    out = out.gather(1, repeat(token_row, "b n -> b n i", i=inner))  # (b, n, h k)
+    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
