@@ -223,7 +223,7 @@ class GatedCrossAttentionBlock(nn.Module):
         time_mask: Tensor | None = None,
     ) -> Tensor:
         """Same arguments as ``MaskedCrossAttention.forward``; returns (b, n, d)."""
-        return self.gated(x, self.attn(x, media, media_locations, time_mask))
+        return self.gated_ff(x + self.attn_gate.tanh() * self.attn(x, media, media_locations, time_mask))
 
     def forward_projected(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
         """The block on media keys and values already projected by ``attn.project_media``, (b, h, t, m, k).
@@ -231,9 +231,9 @@ class GatedCrossAttentionBlock(nn.Module):
         ``index`` (b, n) is each token's media index (see ``media_index``); decoding passes it
         explicitly so that new tokens continue the count of the tokens before them.
         """
-        return self.gated(x, self.attn.attend(x, k, v, index, time_mask))
+        return self.gated_ff(x + self.attn_gate.tanh() * self.attn.attend(x, k, v, index, time_mask))
 
-    def gated(self, x: Tensor, attended: Tensor) -> Tensor:
-        """x (b, n, d) plus the tanh-gated cross-attention output (b, n, d), then the gated feed-forward."""
-        x = x + self.attn_gate.tanh() * attended
+    def gated_ff(self, x: Tensor) -> Tensor:
+        """x (b, n, d) plus the tanh-gated feed-forward of x. (The cross-attention output is added by
+        the caller, so that it is freed before the feed-forward runs when nothing keeps it for backward.)"""
         return x + self.ff_gate.tanh() * self.ff(x)
