@@ -143,20 +143,19 @@ def step_time_by_images(args, model_config: dict, perceiver_config: dict, length
     return rows
 
 
+def settings(args, model_config: dict, perceiver_config: dict) -> dict:
+    """What both implementations run with: the sizes, CPU threads, device and dtype."""
+    return dict(
+        model=model_config, perceiver=perceiver_config, threads=args.threads, device=args.device, dtype=args.dtype
+    )
+
+
 def run_reference(args, model_config: dict, perceiver_config: dict, cases: list) -> dict:
     """Time 0.1.2 in a separate process, where its flamingo_pytorch shadows ours."""
     if not (Path(args.ref_path) / "flamingo_pytorch").is_dir():
         print(f"  0.1.2 not found under {args.ref_path}: skipped (see the module docstring to install it)")
         return dict(skipped=f"flamingo-pytorch 0.1.2 not found under {args.ref_path}")
-    job = dict(
-        model=model_config,
-        perceiver=perceiver_config,
-        cases=cases,
-        steps=args.uncached_steps,
-        threads=args.threads,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    job = dict(settings(args, model_config, perceiver_config), cases=cases, steps=args.uncached_steps)
     env = dict(os.environ, PYTHONPATH=args.ref_path)
     command = [sys.executable, __file__, "--ref-worker", json.dumps(job)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -244,14 +243,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}; model {model_config}")
     rows, reference = run_cases(args, model_config, perceiver_config, cases)
     result = dict(
-        model=model_config,
-        perceiver=perceiver_config,
+        settings(args, model_config, perceiver_config),
         patches_per_image=PATCHES,
         new_tokens=args.new_tokens,
         uncached_steps_timed=args.uncached_steps,
-        threads=args.threads,
-        device=args.device,
-        dtype=args.dtype,
         gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
         torch=torch.__version__,
         machine=platform.processor() or platform.machine(),
