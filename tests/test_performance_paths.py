@@ -304,14 +304,15 @@ def test_swiglu_keeps_only_its_inputs_and_matches_autograd():
         torch.testing.assert_close(g, e)
 
 
-def test_immediate_cross_attention_traces_as_one_graph():
+@pytest.mark.parametrize(("n", "t"), [(9, 3), (2, 3), (9, 1)])  # chunk layout, per token, one item
+def test_immediate_cross_attention_traces_as_one_graph(n, t):
     """Static shapes, no host sync: torch.compile sees the whole gated block without a graph break."""
     import torch._dynamo
 
     from flamingo_pytorch import GatedCrossAttentionBlock
 
     block = GatedCrossAttentionBlock(dim=16, dim_head=4, heads=2)
-    locations = torch.zeros(2, 9, dtype=torch.bool)
-    locations[:, [0, 4, 6]] = True
-    explanation = torch._dynamo.explain(block)(torch.randn(2, 9, 16), torch.randn(2, 3, 2, 16), locations)
+    locations = torch.zeros(2, n, dtype=torch.bool)
+    locations[:, [position for position in (0, 4, 6)[:t] if position < n]] = True
+    explanation = torch._dynamo.explain(block)(torch.randn(2, n, 16), torch.randn(2, t, 2, 16), locations)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
