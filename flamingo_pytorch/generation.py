@@ -23,7 +23,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_same_device, check_shape
-from flamingo_pytorch.immediate_media import token_items
 from flamingo_pytorch.palm import KVCache
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
@@ -158,37 +157,14 @@ def self_attention_mask(valid: Tensor, start: int) -> Tensor:
     return rearrange(mask, "b n j -> b 1 n j")
 
 
-def immediate_media(state: GenerationState, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For one new token per row, the item it reads in immediate mode: -> item (b,), index (b, 1), time_mask (b, 1).
-
-    The returned index and time_mask describe the single gathered item, so a decoding step
-    costs the same however many media items the conversation holds.
-    """
-    item, present = token_items(index, state.time_mask, state.num_media)  # (b, 1) each
-    return item[:, 0], torch.ones_like(index), present
-
-
-def cross_attend(
-    model: nn.Module,
-    state: GenerationState,
-    block_index: int,
-    x: Tensor,
-    index: Tensor,
-    immediate: tuple[Tensor, Tensor, Tensor] | None,
-) -> Tensor:
+def cross_attend(model: nn.Module, state: GenerationState, block_index: int, x: Tensor, index: Tensor) -> Tensor:
     """Run gated block ``block_index`` on x (b, n, d) from the stored media keys and values.
 
-    ``immediate``: ``immediate_media``'s answer, to read only that item, or None to pass them all.
+    In immediate mode a one-token step reads only its own item (see ``immediate_media``), so a
+    decoding step costs the same however many media items the conversation holds.
     """
-    block = model.gated_cross_attn[block_index]
     k, v = state.media_kv[block_index]  # (b, h, t, m, k) each
-    time_mask = state.time_mask
-    if immediate is not None:
-        item, index, time_mask = immediate
-        rows = torch.arange(k.shape[0], device=k.device)
-        one_item = "b h m k -> b h 1 m k"
-        k, v = rearrange(k[rows, :, item], one_item), rearrange(v[rows, :, item], one_item)
-    return block.forward_projected(x, k, v, index, time_mask)
+    return model.gated_cross_attn[block_index].forward_projected(x, k, v, index, state.time_mask)
 
 
 def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, attention_mask: Tensor | None) -> None:
@@ -201,15 +177,12 @@ def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, atten
     positions = state.positions[:, None] + real.cumsum(dim=-1) - 1  # (b, n), 0 at each row's first real token
     is_media = (text == model.media_token_id) & real  # (b, n)
     index = state.media_count[:, None] + is_media.cumsum(dim=-1)  # (b, n)
-    immediate = None
-    if text.shape[1] == 1 and state.media_kv is not None and model.gated_cross_attn[0].attn.only_attend_immediate_media:
-        immediate = immediate_media(state, index)
     cos, sin = palm.rotary(positions.clamp(min=0))  # (b, 1, n, k) each
     mask = self_attention_mask(state.valid[:, :end], start)  # (b, 1, n, j)
     x = palm.token_emb(text)  # (b, n, d)
     for i, layer in enumerate(palm.layers):
         if state.media_kv is not None and i % model.cross_attn_every == 0:
-            x = cross_attend(model, state, i // model.cross_attn_every, x, index, immediate)
+            x = cross_attend(model, state, i // model.cross_attn_every, x, index)
         x = layer.forward_cached(x, cos, sin, state.caches[i], start, mask)
     state.length = end
     state.positions = state.positions + real.sum(dim=-1)
