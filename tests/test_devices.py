@@ -45,6 +45,17 @@ def test_both_chunk_layouts_equal_the_dense_reference(device, overflow_sizing):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n", "t"), [(40, 1), (3, 5)])  # one item in place; texts no longer than t, per token
+def test_single_item_and_per_token_paths_equal_the_dense_reference(device, n, t):
+    attn = MaskedCrossAttention(dim=16, dim_head=4, heads=2).to(device)
+    generator = torch.Generator().manual_seed(n + t)
+    locations = (torch.rand(3, n, generator=generator) < 0.3).to(device)
+    x, media = torch.randn(3, n, 16, device=device), torch.randn(3, t, 4, 16, device=device)
+    time_mask = (torch.rand(3, t, generator=generator) < 0.7).to(device)
+    got, want, _ = dense_and_segmented(attn, x, media, locations, time_mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_autocast_training_step_is_close_to_float32(device):
     model = flamingo(device)
     text, pixels = batch(device)
@@ -69,10 +80,11 @@ def test_cached_greedy_decoding_equals_full_forwards(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gated_block_never_synchronises_with_the_host_on_cuda():
+@pytest.mark.parametrize(("n", "t"), [(50, 4), (50, 1), (3, 4)])  # chunk layout, one item, per token
+def test_gated_block_never_synchronises_with_the_host_on_cuda(n, t):
     block = GatedCrossAttentionBlock(dim=32, dim_head=8, heads=4).cuda()
-    x, media = torch.randn(2, 50, 32, device="cuda"), torch.randn(2, 4, 8, 32, device="cuda")
-    locations = torch.rand(2, 50, device="cuda") < 0.1
+    x, media = torch.randn(2, n, 32, device="cuda"), torch.randn(2, t, 8, 32, device="cuda")
+    locations = torch.rand(2, n, device="cuda") < 0.1
     block(x, media, locations)  # warm up: first calls may initialise libraries
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
