@@ -2,7 +2,8 @@
 
 On the CPU the immediate cross-attention sizes its chunk layout to the data; on accelerators it
 uses the static layout and must never read a value back to the host. These tests run both
-layouts on each device, bf16 autocast training steps, and cached decoding.
+layouts, the single-item and per-token paths, bf16 autocast training steps and cached decoding on
+each device.
 """
 
 from __future__ import annotations
