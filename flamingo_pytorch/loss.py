@@ -43,13 +43,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             h, y, keep = hidden[rows], targets[rows], valid[rows, None]
             logits = (h @ weight.T).float()  # (c, v)
-            logsumexp = logits.logsumexp(dim=-1, keepdim=True)  # (c, 1)
-            total += ((logsumexp - logits.gather(1, y)) * keep).sum()
+            target_logit = logits.gather(1, y)  # (c, 1)
+            maximum = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+            exp = logits.sub_(maximum).exp_()  # (c, v), in place of the logits: one exp serves loss and gradient
+            sum_exp = exp.sum(dim=-1, keepdim=True)  # (c, 1)
+            total += ((maximum + sum_exp.log() - target_logit) * keep).sum()
             if not (need_hidden or need_weight):
                 continue
-            grad = logits.sub_(logsumexp).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, y, -keep.float())  # minus the one-hot target
-            grad = (grad * (keep / count)).to(h.dtype)  # (c, v); ignored rows give zero
+            grad = exp.mul_(keep / (sum_exp * count))  # softmax / count; ignored rows give zero
+            grad.scatter_add_(1, y, keep / -count)  # minus the one-hot target, / count
+            grad = grad.to(h.dtype)  # (c, v)
             if need_hidden:
                 grad_hidden[rows] = grad @ weight  # (c, d)
             if need_weight:

@@ -78,6 +78,42 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + rotated_half * sin).to(x.dtype)
 
 
+FOLDED_QUERY_ROWS = 512  # query rows (positions x heads) per attention call in ``causal_attention_folded``
+
+
+def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal multi-query attention for the CPU: q (b, h, n, k) over k, v (b, 1, n, k) -> (b, n, h k).
+
+    All h heads read the same keys, so they are folded into the query length (position-major: row
+    r holds position r // h) and attended together, c positions at a time, each block only to the
+    keys up to its last position. Against ``is_causal`` over h expanded key heads this makes fewer,
+    larger matmuls and skips most blocks above the diagonal: at n = 512, h = 8 forward and backward
+    take about a third less time on a 2-core CPU. On accelerators one ``is_causal`` flash kernel is
+    faster, and needs no mask.
+
+    Every block's mask is a column-shifted view of one additive mask of (c h, n) entries (block
+    [s, e) reads columns e0 - s .. e0 - s + e of it), so what attention keeps for backward grows
+    with n, not n^2.
+    """
+    h, n = q.shape[1:3]
+    block = max(1, min(n, FOLDED_QUERY_ROWS // h))  # c positions per call
+    last_start = (n - 1) // block * block  # s of the last block
+    q = rearrange(q, "b h n k -> b 1 (n h) k")  # a view when q came from (b, n, h k)
+    # allowed[r, x] <=> key x - last_start + s may be read by row r of the block starting at s
+    rows = torch.arange(block * h, device=q.device) // h + last_start  # (c h,)
+    allowed = torch.arange(last_start + block, device=q.device) <= rows[:, None]  # (c h, e0 + c)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    outs = []
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        block_mask = mask[: (end - start) * h, last_start - start : last_start - start + end]  # (rows, end), a view
+        out = F.scaled_dot_product_attention(
+            q[:, :, start * h : end * h], k[:, :, :end], v[:, :, :end], attn_mask=block_mask
+        )  # (b, 1, rows, k)
+        outs.append(rearrange(out, "b 1 (c h) k -> b c (h k)", h=h))  # (b, c, h k), a view
+    return torch.cat(outs, dim=1)  # (b, n, h k)
+
+
 class KVCache(nn.Module):
     """Preallocated self-attention keys and values of one layer, for decoding.
 
@@ -169,6 +205,8 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
+        if mask is None and q.device.type == "cpu" and q.shape[2] > 0:
+            return causal_attention_folded(q, k, v)
         k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")

@@ -1,4 +1,6 @@
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import saved_storages
 from torch import nn
 from torch.testing import assert_close
@@ -29,6 +31,61 @@ def test_block_matches_reference():
     x = torch.randn(2, 9, 32)
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
     assert_close(block(x, cos, sin), reference_block(block, x))
+
+
+@pytest.mark.parametrize("rows", [512, 12, 8, 4])  # one call; 3 positions a call (a 1-position tail); 2; 1
+def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, rows):
+    """The CPU path (heads folded into the query length, blocks of positions) against one
+    ``is_causal`` call on expanded key heads: same outputs and gradients, in float64."""
+    from flamingo_pytorch import palm
+
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", rows)
+    b, h, n, k = 2, 4, 10, 8
+    q = (
+        torch.randn(b, n, h, k, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    )  # (b, h, n, k), laid out as in the model
+    kv = [torch.randn(b, 1, n, k, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    expected = F.scaled_dot_product_attention(q, *(t.expand(-1, h, -1, -1) for t in kv), is_causal=True)
+    expected = expected.transpose(1, 2).reshape(b, n, h * k)
+    got = palm.causal_attention_folded(q, *kv)
+    assert_close(got, expected)
+    grad = torch.randn_like(got)
+    assert_close(torch.autograd.grad(got, (q, *kv), grad), torch.autograd.grad(expected, (q, *kv), grad))
+
+
+def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
+    """Every block reads a view of one (c h, n) additive mask: backward keeps O(n) mask entries, not
+    one mask per block (which would add up to h n^2 / 2)."""
+    from flamingo_pytorch import palm
+
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4: c = 2 positions a call, 20 calls
+    b, h, n, k = 1, 4, 40, 8
+    q = torch.randn(b, h, n, k, requires_grad=True)
+    kv = [torch.randn(b, 1, n, k, requires_grad=True) for _ in range(2)]
+    masks = {}
+
+    def pack(tensor):
+        if tensor.ndim == 2:  # q, k, v, outputs and log-sum-exps have more dimensions
+            masks[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        palm.causal_attention_folded(q, *kv)
+    assert list(masks.values()) == [2 * h * n]  # one storage of (c h, n) entries
+
+
+def test_cpu_block_attends_through_the_folded_path(monkeypatch):
+    from flamingo_pytorch import palm
+
+    calls = []
+    folded = palm.causal_attention_folded
+    monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1) or folded(*args))
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # several blocks at n = 9
+    block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
+    x = torch.randn(2, 9, 32)
+    cos, sin = RotaryEmbedding(8)(torch.arange(9))
+    assert_close(block(x, cos, sin), reference_block(block, x))
+    assert calls == [1]
 
 
 def test_fused_projection_in_two_parts_equals_the_whole_and_keeps_less():

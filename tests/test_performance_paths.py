@@ -277,8 +277,9 @@ class ShapeRecorder(TorchDispatchMode):
 
 @pytest.mark.parametrize("checkpoint_activations", [False, True])
 def test_no_text_by_text_float_matrix_in_training(checkpoint_activations):
-    """Causal self-attention and immediate cross-attention leave the masks to SDPA: no (n, n) or
-    (n, t m) float scores or masks appear in forward or backward."""
+    """Causal self-attention and immediate cross-attention build no (n, n) or (n, t m) float scores
+    or masks in forward or backward (on the CPU the self-attention's one additive mask has
+    ``FOLDED_QUERY_ROWS`` rows at most, whatever n)."""
     n = 37  # a length no other dimension of the tiny model shares
     model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder(), checkpoint_activations=checkpoint_activations)
     model.train()
