@@ -91,25 +91,23 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     take about a third less time on a 2-core CPU. On accelerators one ``is_causal`` flash kernel is
     faster, and needs no mask.
 
-    Every block's mask is a column-shifted view of one additive mask of (c h, n) entries (block
-    [s, e) reads columns e0 - s .. e0 - s + e of it), so what attention keeps for backward grows
-    with n, not n^2.
+    Every block's mask is a column-shifted view of one additive mask of (c h, s0 + c) entries, s0
+    the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
+    attention keeps for backward grows with n, not n^2.
     """
     h, n = q.shape[1:3]
     block = max(1, min(n, FOLDED_QUERY_ROWS // h))  # c positions per call
-    last_start = (n - 1) // block * block  # s of the last block
+    last_start = (n - 1) // block * block  # s0
     q = rearrange(q, "b h n k -> b 1 (n h) k")  # a view when q came from (b, n, h k)
-    # allowed[r, x] <=> key x - last_start + s may be read by row r of the block starting at s
+    # allowed[r, x]: row r of the block starting at s may read key x - s0 + s
     rows = torch.arange(block * h, device=q.device) // h + last_start  # (c h,)
-    allowed = torch.arange(last_start + block, device=q.device) <= rows[:, None]  # (c h, e0 + c)
+    allowed = torch.arange(last_start + block, device=q.device) <= rows[:, None]  # (c h, s0 + c)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     outs = []
-    for start in range(0, n, block):
+    for start, q_block in zip(range(0, n, block), q.split(block * h, dim=2)):  # split: backward is one cat
         end = min(n, start + block)
-        block_mask = mask[: (end - start) * h, last_start - start : last_start - start + end]  # (rows, end), a view
-        out = F.scaled_dot_product_attention(
-            q[:, :, start * h : end * h], k[:, :, :end], v[:, :, :end], attn_mask=block_mask
-        )  # (b, 1, rows, k)
+        block_mask = mask[: q_block.shape[2], last_start - start : last_start - start + end]  # (rows, end), a view
+        out = F.scaled_dot_product_attention(q_block, k[:, :, :end], v[:, :, :end], attn_mask=block_mask)
         outs.append(rearrange(out, "b 1 (c h) k -> b c (h k)", h=h))  # (b, c, h k), a view
     return torch.cat(outs, dim=1)  # (b, n, h k)
 
