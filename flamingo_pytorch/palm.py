@@ -81,8 +81,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 FOLDED_QUERY_ROWS = 512  # query rows (positions x heads) per attention call in ``causal_attention_folded``
 
 
-def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal multi-query attention for the CPU: q (b, h, n, k) over k, v (b, 1, n, k) -> (b, n, h k).
+def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor, to_out: nn.Module) -> Tensor:
+    """Causal multi-query attention for the CPU, projected: q (b, h, n, k) over k, v (b, 1, n, k) -> to_out(b, n, h k).
 
     All h heads read the same keys, so they are folded into the query length (position-major: row
     r holds position r // h) and attended together, c positions at a time, each block only to the
@@ -93,7 +93,9 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     Every block's mask is a column-shifted view of one additive mask of (c h, s0 + c) entries, s0
     the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
-    attention keeps for backward grows with n, not n^2.
+    attention keeps for backward grows with n, not n^2. ``to_out`` (the output projection) is
+    applied block by block, so what it keeps for its weight gradient is the attention's own
+    output, not a concatenated copy.
     """
     h, n = q.shape[1:3]
     block = max(1, min(n, FOLDED_QUERY_ROWS // h))  # c positions per call
@@ -108,8 +110,8 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         end = min(n, start + block)
         block_mask = mask[: q_block.shape[2], last_start - start : last_start - start + end]  # (rows, end), a view
         out = F.scaled_dot_product_attention(q_block, k[:, :, :end], v[:, :, :end], attn_mask=block_mask)
-        outs.append(rearrange(out, "b 1 (c h) k -> b c (h k)", h=h))  # (b, c, h k), a view
-    return torch.cat(outs, dim=1)  # (b, n, h k)
+        outs.append(to_out(rearrange(out, "b 1 (c h) k -> b c (h k)", h=h)))  # (b, c, d); rearranged: a view
+    return torch.cat(outs, dim=1)  # (b, n, d)
 
 
 class KVCache(nn.Module):
@@ -173,8 +175,9 @@ class ParallelTransformerBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x (b, n, d), rotary cos/sin for its positions -> (b, n, d)."""
         q, k, v, ff = self.project(x, cos, sin)
-        out = self.attend(q, k, v)
-        return x + self.attn_out(out) + ff
+        if x.device.type == "cpu" and x.shape[1] > 0:
+            return x + causal_attention_folded(q, k, v, self.attn_out) + ff
+        return x + self.attn_out(self.attend(q, k, v)) + ff
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
@@ -203,8 +206,6 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
-        if mask is None and q.device.type == "cpu" and q.shape[2] > 0:
-            return causal_attention_folded(q, k, v)
         k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")

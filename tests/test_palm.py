@@ -35,22 +35,23 @@ def test_block_matches_reference():
 
 @pytest.mark.parametrize("rows", [512, 12, 8, 4])  # one call; 3 positions a call (a 1-position tail); 2; 1
 def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, rows):
-    """The CPU path (heads folded into the query length, blocks of positions) against one
-    ``is_causal`` call on expanded key heads: same outputs and gradients, in float64."""
+    """The CPU path (heads folded into the query length, blocks of positions, projected block by
+    block) against one ``is_causal`` call on expanded key heads, then the projection: same outputs
+    and gradients, the projection's weight included, in float64."""
     from flamingo_pytorch import palm
 
     monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", rows)
     b, h, n, k = 2, 4, 10, 8
-    q = (
-        torch.randn(b, n, h, k, dtype=torch.float64).transpose(1, 2).requires_grad_()
-    )  # (b, h, n, k), laid out as in the model
+    # (b, h, n, k), laid out in memory as (b, n, h, k) like the model's queries
+    q = torch.randn(b, n, h, k, dtype=torch.float64).transpose(1, 2).requires_grad_()
     kv = [torch.randn(b, 1, n, k, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    to_out = nn.Linear(h * k, 6, bias=False, dtype=torch.float64)
     expected = F.scaled_dot_product_attention(q, *(t.expand(-1, h, -1, -1) for t in kv), is_causal=True)
-    expected = expected.transpose(1, 2).reshape(b, n, h * k)
-    got = palm.causal_attention_folded(q, *kv)
+    expected = to_out(expected.transpose(1, 2).reshape(b, n, h * k))
+    got = palm.causal_attention_folded(q, *kv, to_out)
     assert_close(got, expected)
-    grad = torch.randn_like(got)
-    assert_close(torch.autograd.grad(got, (q, *kv), grad), torch.autograd.grad(expected, (q, *kv), grad))
+    grad, inputs = torch.randn_like(got), (q, *kv, to_out.weight)
+    assert_close(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad))
 
 
 def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
@@ -70,7 +71,7 @@ def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        palm.causal_attention_folded(q, *kv)
+        palm.causal_attention_folded(q, *kv, nn.Identity())
     assert list(masks.values()) == [2 * h * n]  # one storage of (c h, n) entries
 
 
