@@ -33,14 +33,16 @@ def test_block_matches_reference():
     assert_close(block(x, cos, sin), reference_block(block, x))
 
 
-@pytest.mark.parametrize("rows", [512, 12, 8, 4])  # one call; 3 positions a call (a 1-position tail); 2; 1
-def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, rows):
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("rows", [512, 12, 8, 4])  # one call; then smaller blocks, some with a shorter tail
+def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, rows, groups):
     """The CPU path (heads folded into the query length, blocks of positions, projected block by
     block) against one ``is_causal`` call on expanded key heads, then the projection: same outputs
     and gradients, the projection's weight included, in float64."""
     from flamingo_pytorch import palm
 
     monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", rows)
+    monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: groups)
     b, h, n, k = 2, 4, 10, 8
     # (b, h, n, k), laid out in memory as (b, n, h, k) like the model's queries
     q = torch.randn(b, n, h, k, dtype=torch.float64).transpose(1, 2).requires_grad_()
@@ -59,7 +61,8 @@ def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
     one mask per block (which would add up to h n^2 / 2)."""
     from flamingo_pytorch import palm
 
-    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4: c = 2 positions a call, 20 calls
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4 in one group: c = 2 positions a call, 20 calls
+    monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
     b, h, n, k = 1, 4, 40, 8
     q = torch.randn(b, h, n, k, requires_grad=True)
     kv = [torch.randn(b, 1, n, k, requires_grad=True) for _ in range(2)]
@@ -73,6 +76,15 @@ def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         palm.causal_attention_folded(q, *kv, nn.Identity())
     assert list(masks.values()) == [2 * h * n]  # one storage of (c h, n) entries
+
+
+def test_folded_groups_give_every_thread_work(monkeypatch):
+    from flamingo_pytorch import palm
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [palm.folded_groups(1, 8), palm.folded_groups(2, 8), palm.folded_groups(1, 3)] == [2, 1, 3]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert [palm.folded_groups(1, 8), palm.folded_groups(4, 8), palm.folded_groups(16, 8)] == [8, 4, 1]
 
 
 def test_cpu_block_attends_through_the_folded_path(monkeypatch):
