@@ -78,7 +78,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + rotated_half * sin).to(x.dtype)
 
 
-FOLDED_QUERY_ROWS = 512  # query rows (positions x heads) per attention call in ``causal_attention_folded``
+FOLDED_QUERY_ROWS = 256  # query rows (positions x heads) per attention call in ``causal_attention_folded``
 
 
 def folded_groups(batch: int, heads: int) -> int:
