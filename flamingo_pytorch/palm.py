@@ -88,8 +88,8 @@ def folded_groups(batch: int, heads: int) -> int:
     return next(g for g in range(1, heads + 1) if heads % g == 0 and (batch * g >= threads or g == heads))
 
 
-def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor, to_out: nn.Module) -> Tensor:
-    """Causal multi-query attention for the CPU, projected: q (b, h, n, k) over k, v (b, 1, n, k) -> to_out(b, n, h k).
+def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal multi-query attention for the CPU: q (b, h, n, k) over k, v (b, 1, n, k) -> (b, n, h k).
 
     All h heads read the same keys, so the heads of each of g groups (``folded_groups``; 1 when
     the batch alone occupies every thread) are folded into the query length (position-major: row
@@ -101,9 +101,7 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor, to_out: nn.Module) 
 
     Every block's mask is a column-shifted view of one additive mask of (c h / g, s0 + c) entries,
     s0 the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
-    attention keeps for backward grows with n, not n^2. ``to_out`` (the output projection) is
-    applied block by block, so what it keeps for its weight gradient is the attention's own
-    output, not a concatenated copy.
+    attention keeps for backward grows with n, not n^2.
     """
     b, h, n = q.shape[:3]
     groups = folded_groups(b, h)
@@ -121,9 +119,8 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor, to_out: nn.Module) 
         end = min(n, start + block)
         block_mask = mask[: q_block.shape[2], last_start - start : last_start - start + end]  # (rows, end), a view
         out = F.scaled_dot_product_attention(q_block, k[:, :, :end], v[:, :, :end], attn_mask=block_mask)
-        out = rearrange(out, "b g (c f) k -> b c (g f k)", f=folded)  # (b, c, h k); a view for g = 1
-        outs.append(to_out(out))  # (b, c, d)
-    return torch.cat(outs, dim=1)  # (b, n, d)
+        outs.append(rearrange(out, "b g (c f) k -> b c (g f k)", f=folded))  # (b, c, h k); a view for g = 1
+    return torch.cat(outs, dim=1)  # (b, n, h k)
 
 
 class KVCache(nn.Module):
@@ -187,8 +184,6 @@ class ParallelTransformerBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x (b, n, d), rotary cos/sin for its positions -> (b, n, d)."""
         q, k, v, ff = self.project(x, cos, sin)
-        if x.device.type == "cpu" and x.shape[1] > 0:
-            return x + causal_attention_folded(q, k, v, self.attn_out) + ff
         return x + self.attn_out(self.attend(q, k, v)) + ff
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -218,6 +213,8 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
+        if mask is None and q.device.type == "cpu" and q.shape[2] > 0:
+            return causal_attention_folded(q, k, v)
         k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")

@@ -36,9 +36,8 @@ def test_block_matches_reference():
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("rows", [512, 12, 8, 4])  # one call; then smaller blocks, some with a shorter tail
 def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, rows, groups):
-    """The CPU path (heads folded into the query length, blocks of positions, projected block by
-    block) against one ``is_causal`` call on expanded key heads, then the projection: same outputs
-    and gradients, the projection's weight included, in float64."""
+    """The CPU path (heads folded into the query length, blocks of positions) against one
+    ``is_causal`` call on expanded key heads: same outputs and gradients, in float64."""
     from flamingo_pytorch import palm
 
     monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", rows)
@@ -47,12 +46,11 @@ def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, ro
     # (b, h, n, k), laid out in memory as (b, n, h, k) like the model's queries
     q = torch.randn(b, n, h, k, dtype=torch.float64).transpose(1, 2).requires_grad_()
     kv = [torch.randn(b, 1, n, k, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    to_out = nn.Linear(h * k, 6, bias=False, dtype=torch.float64)
     expected = F.scaled_dot_product_attention(q, *(t.expand(-1, h, -1, -1) for t in kv), is_causal=True)
-    expected = to_out(expected.transpose(1, 2).reshape(b, n, h * k))
-    got = palm.causal_attention_folded(q, *kv, to_out)
+    expected = expected.transpose(1, 2).reshape(b, n, h * k)
+    got = palm.causal_attention_folded(q, *kv)
     assert_close(got, expected)
-    grad, inputs = torch.randn_like(got), (q, *kv, to_out.weight)
+    grad, inputs = torch.randn_like(got), (q, *kv)
     assert_close(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad))
 
 
@@ -74,7 +72,7 @@ def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        palm.causal_attention_folded(q, *kv, nn.Identity())
+        palm.causal_attention_folded(q, *kv)
     assert list(masks.values()) == [2 * h * n]  # one storage of (c h, n) entries
 
 
