@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
+from flamingo_pytorch._tracing import is_traced
+
 
 def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """q (b, n, h k) reads only its own item of k, v (b, h, t, m, k) -> (b, n, h k); needs t > 0.
@@ -163,12 +165,7 @@ def sizes_overflow_exactly(device: torch.device) -> bool:
     """Whether ``attend_by_chunks`` sizes its overflow chunks to the data, which reads a count back
     from the tensors: only on the CPU, where that costs nothing, and never while being compiled or
     traced (a traced graph would keep the count of its example)."""
-    if device.type != "cpu" or torch.jit.is_tracing():
-        return False
-    compiling = getattr(torch.compiler, "is_compiling", None)
-    if compiling is None:  # torch < 2.3
-        from torch._dynamo import is_compiling as compiling
-    return not compiling()
+    return device.type == "cpu" and not is_traced()
 
 
 def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flamingo_pytorch._linear import is_plain_linear
+from flamingo_pytorch._tracing import is_traced
 from flamingo_pytorch._validation import check_tensor
 from flamingo_pytorch.loss import linear_cross_entropy
 
@@ -97,7 +98,8 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     the keys up to its last position. Against ``is_causal`` over h expanded key heads this makes
     fewer, larger matmuls and skips most blocks above the diagonal: forward and backward take about
     a third less time at n = 512, h = 8 on a 2-core CPU (less at n = 2048). On accelerators one
-    ``is_causal`` flash kernel is faster, and needs no mask.
+    ``is_causal`` flash kernel is faster, and needs no mask; under ``torch.compile`` or tracing
+    the blocks would tie the graph to one n, so ``attend`` runs ``is_causal`` there too.
 
     Every block's mask is a column-shifted view of one additive mask of (c h / g, s0 + c) entries,
     s0 the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
@@ -213,8 +215,8 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
-        if mask is None and q.device.type == "cpu" and q.shape[2] > 0:
-            return causal_attention_folded(q, k, v)
+        if mask is None and q.device.type == "cpu" and q.shape[2] > 0 and not is_traced():
+            return causal_attention_folded(q, k, v)  # its number of calls depends on n: eager only
         k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")

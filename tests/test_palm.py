@@ -103,6 +103,24 @@ def test_cpu_block_attends_through_the_folded_path(monkeypatch):
     assert calls == [1]
 
 
+def test_compiled_block_stays_shape_generic(monkeypatch):
+    """Under torch.compile the folded path, whose number of attention calls depends on n, is not
+    traced (the graph would be tied to one length): the block is one graph, without a break."""
+    import torch._dynamo
+
+    from flamingo_pytorch import palm
+
+    def fail(*args):
+        raise AssertionError("the folded attention was traced")
+
+    monkeypatch.setattr(palm, "causal_attention_folded", fail)
+    block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
+    x = torch.randn(2, 9, 32)
+    cos, sin = RotaryEmbedding(8)(torch.arange(9))
+    explanation = torch._dynamo.explain(block)(x, cos, sin)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
 def test_fused_projection_in_two_parts_equals_the_whole_and_keeps_less():
     block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
     x = torch.randn(2, 9, 32, requires_grad=True)
