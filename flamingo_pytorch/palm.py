@@ -2,7 +2,8 @@
 
 Shapes:
     b batch, n text length, d width, h query heads, k head width, f feed-forward width,
-    j keys attended to, c cache capacity (slots).
+    j keys attended to, c cache capacity (slots); in the CPU's folded attention g head groups,
+    hg = h / g heads per group, p positions per call.
 
 PaLM's choices, all kept here: pre-norm parallel blocks (attention and feed-forward read the
 same normalised input and are summed), multi-query attention (h query heads share one key head
@@ -92,36 +93,37 @@ def folded_groups(batch: int, heads: int) -> int:
 def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal multi-query attention for the CPU: q (b, h, n, k) over k, v (b, 1, n, k) -> (b, n, h k).
 
-    All h heads read the same keys, so the heads of each of g groups (``folded_groups``; 1 when
-    the batch alone occupies every thread) are folded into the query length (position-major: row
-    r holds position r // (h / g)) and attended together, c positions at a time, each block only to
-    the keys up to its last position. Against ``is_causal`` over h expanded key heads this makes
-    fewer, larger matmuls and skips most blocks above the diagonal: forward and backward take about
-    a third less time at n = 512, h = 8 on a 2-core CPU (less at n = 2048). On accelerators one
-    ``is_causal`` flash kernel is faster, and needs no mask; under ``torch.compile`` or tracing
-    the blocks would tie the graph to one n, so ``attend`` runs ``is_causal`` there too.
+    All h heads read the same keys, so the hg = h / g heads of each of g groups (``folded_groups``;
+    g = 1 when the batch alone occupies every thread) are folded into the query length
+    (position-major: row r holds position r // hg) and attended together, p positions at a time,
+    each block only to the keys up to its last position. Against ``is_causal`` over h expanded key
+    heads this makes fewer, larger matmuls and skips most blocks above the diagonal: forward and
+    backward take about a third less time at n = 512, h = 8 on a 2-core CPU (less at n = 2048). On
+    accelerators one ``is_causal`` flash kernel is faster, and needs no mask; under
+    ``torch.compile`` or tracing the blocks would tie the graph to one n, so ``attend`` runs
+    ``is_causal`` there too.
 
-    Every block's mask is a column-shifted view of one additive mask of (c h / g, s0 + c) entries,
-    s0 the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
+    Every block's mask is a column-shifted view of one additive mask of (p hg, s0 + p) entries, s0
+    the last block's start (block [s, e) reads its columns s0 - s .. s0 - s + e), so what
     attention keeps for backward grows with n, not n^2.
     """
     b, h, n = q.shape[:3]
     groups = folded_groups(b, h)
-    folded = h // groups  # heads folded into each group's query length
-    block = max(1, min(n, FOLDED_QUERY_ROWS // folded))  # c positions per call
+    folded = h // groups  # hg, heads folded into each group's query length
+    block = max(1, min(n, FOLDED_QUERY_ROWS // folded))  # p positions per call
     last_start = (n - 1) // block * block  # s0
-    q = rearrange(q, "b (g f) n k -> b g (n f) k", g=groups)  # a view for g = 1 when q came from (b, n, h k)
+    q = rearrange(q, "b (g hg) n k -> b g (n hg) k", g=groups)  # a view for g = 1 when q came from (b, n, h k)
     k, v = k.expand(-1, groups, -1, -1), v.expand(-1, groups, -1, -1)  # (b, g, n, k), views
     # allowed[r, x]: row r of the block starting at s may read key x - s0 + s
-    rows = torch.arange(block * folded, device=q.device) // folded + last_start  # (c f,)
-    allowed = torch.arange(last_start + block, device=q.device) <= rows[:, None]  # (c f, s0 + c)
+    rows = torch.arange(block * folded, device=q.device) // folded + last_start  # (p hg,)
+    allowed = torch.arange(last_start + block, device=q.device) <= rows[:, None]  # (p hg, s0 + p)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     outs = []
     for start, q_block in zip(range(0, n, block), q.split(block * folded, dim=2)):  # split: backward is one cat
         end = min(n, start + block)
         block_mask = mask[: q_block.shape[2], last_start - start : last_start - start + end]  # (rows, end), a view
         out = F.scaled_dot_product_attention(q_block, k[:, :, :end], v[:, :, :end], attn_mask=block_mask)
-        outs.append(rearrange(out, "b g (c f) k -> b c (g f k)", f=folded))  # (b, c, h k); a view for g = 1
+        outs.append(rearrange(out, "b g (p hg) k -> b p (g hg k)", hg=folded))  # (b, p, h k); a view for g = 1
     return torch.cat(outs, dim=1)  # (b, n, h k)
 
 

@@ -59,11 +59,11 @@ def test_folded_causal_attention_equals_is_causal_with_gradients(monkeypatch, ro
     reason="before torch 2.2 the CPU has no fused attention kernel; the math path keeps no mask",
 )
 def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
-    """Every block reads a view of one (c h, n) additive mask: backward keeps O(n) mask entries, not
+    """Every block reads a view of one (p hg, n) additive mask: backward keeps O(n) mask entries, not
     one mask per block (which would add up to h n^2 / 2)."""
     from flamingo_pytorch import palm
 
-    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4 in one group: c = 2 positions a call, 20 calls
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4 in one group: p = 2 positions a call, 20 calls
     monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
     b, h, n, k = 1, 4, 40, 8
     q = torch.randn(b, h, n, k, requires_grad=True)
@@ -77,7 +77,7 @@ def test_folded_causal_attention_keeps_one_mask_linear_in_length(monkeypatch):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         palm.causal_attention_folded(q, *kv)
-    assert list(masks.values()) == [2 * h * n]  # one storage of (c h, n) entries
+    assert list(masks.values()) == [2 * h * n]  # one storage of (p hg, n) entries
 
 
 def test_folded_groups_give_every_thread_work(monkeypatch):
