@@ -110,6 +110,7 @@ def run_cases(cases: list[dict], args: argparse.Namespace) -> list[dict]:
                 "warmup_s": rounds[0][i]["warmup_s"],
                 "gpu_busy_s": rounds[0][i].get("gpu_busy_s"),  # CUDA only: kernel time of one step
                 "kernels": rounds[0][i].get("kernels"),
+                "aten_ops": rounds[0][i].get("aten_ops"),  # operators dispatched by one step
                 "package": memory[i]["package"],
             }
         )

@@ -31,7 +31,7 @@ def main() -> None:
                 print(f"{impl:4s} t={t:2d} {phase}: {result.get('median_s', result.get('error'))}", flush=True)
             ours, ref = pair["ours"], pair.get("ref", {})
             row = {"name": f"{phase}", "t": t, "impl": "ours vs ref"}
-            for key in ("median_s", "peak_mb", "gpu_busy_s"):
+            for key in ("median_s", "peak_mb", "gpu_busy_s", "aten_ops"):
                 row[f"ours_{key}"], row[f"ref_{key}"] = ours.get(key), ref.get(key)
             if "median_s" in ours and "median_s" in ref:
                 row["speedup"] = ref["median_s"] / ours["median_s"]
@@ -47,6 +47,8 @@ def main() -> None:
         ("ours_peak_mb", "ours MB"),
         ("ref_peak_mb", "0.1.2 MB"),
         ("leaner", "x leaner"),
+        ("ours_aten_ops", "ours ops"),
+        ("ref_aten_ops", "0.1.2 ops"),
     ]
     if args.device == "cuda":
         columns += [("ours_gpu_busy_s", "ours GPU busy s"), ("ref_gpu_busy_s", "0.1.2 GPU busy s")]

@@ -111,6 +111,7 @@ def main() -> None:
         ("memory_saving_vs_ref", "mem saved"),
         ("gflops", "GFLOP/s"),
         ("of_matmul_rate", "of matmul"),
+        ("aten_ops", "aten ops"),
     ]
     if args.device == "cuda":
         columns += [("gpu_busy_s", "GPU busy s"), ("kernels", "kernels")]

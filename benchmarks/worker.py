@@ -212,6 +212,26 @@ def gpu_busy(step) -> dict:
         return {"gpu_busy_error": repr(error)}
 
 
+def aten_ops(step) -> int:
+    """The number of aten operators one step dispatches, forward and backward (views included).
+
+    On a GPU each non-view operator is at least one kernel launch, so where a step is bound by
+    the host this count explains its time; it is the same on any device for a given code path.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.calls
+
+
 def timed(step, case: dict, device: torch.device) -> list[float]:
     seconds = []
     for _ in range(case["reps"]):
@@ -253,6 +273,7 @@ def run_case(case: dict) -> dict:
     }
     if device.type == "cuda":
         result.update(gpu_busy(step))
+    result["aten_ops"] = aten_ops(step)  # after the measurements: counting slows the step down
     return result
 
 

@@ -31,6 +31,7 @@ def test_cases_of_one_implementation_share_a_process_and_keep_their_order():
         assert len(result["seconds"]) == 2
         assert result["peak_mb"] >= 0
         assert result["package"].startswith(str(common.ROOT))  # this checkout, not 0.1.2
+        assert result["aten_ops"] > 10  # the block's projections, attention, feed-forward: dozens of operators
 
 
 def test_sizes_override_the_configuration():
