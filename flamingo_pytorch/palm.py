@@ -90,6 +90,11 @@ def folded_groups(batch: int, heads: int) -> int:
     return next(g for g in range(1, heads + 1) if heads % g == 0 and (batch * g >= threads or g == heads))
 
 
+def folded_positions(batch: int, heads: int) -> int:
+    """p, the positions per call of ``causal_attention_folded`` (``FOLDED_QUERY_ROWS`` query rows)."""
+    return max(1, FOLDED_QUERY_ROWS // (heads // folded_groups(batch, heads)))
+
+
 def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal multi-query attention for the CPU: q (b, h, n, k) over k, v (b, 1, n, k) -> (b, n, h k).
 
@@ -110,7 +115,7 @@ def causal_attention_folded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, h, n = q.shape[:3]
     groups = folded_groups(b, h)
     folded = h // groups  # hg, heads folded into each group's query length
-    block = max(1, min(n, FOLDED_QUERY_ROWS // folded))  # p positions per call
+    block = min(n, folded_positions(b, h))  # p positions per call
     last_start = (n - 1) // block * block  # s0
     q = rearrange(q, "b (g hg) n k -> b g (n hg) k", g=groups)  # a view for g = 1 when q came from (b, n, h k)
     k, v = k.expand(-1, groups, -1, -1), v.expand(-1, groups, -1, -1)  # (b, g, n, k), views
@@ -217,8 +222,11 @@ class ParallelTransformerBlock(nn.Module):
 
         Causal when ``mask`` is None; otherwise ``mask`` (b, 1, n, j) bool, True = may attend.
         """
-        if mask is None and q.device.type == "cpu" and q.shape[2] > 0 and not is_traced():
-            return causal_attention_folded(q, k, v)  # its number of calls depends on n: eager only
+        (b, h, n), cpu = q.shape[:3], q.device.type == "cpu"
+        # Folded on the CPU when there are several blocks (one would skip nothing above the diagonal);
+        # its number of calls depends on n, so never in a compiled or traced graph.
+        if mask is None and cpu and not is_traced() and n > folded_positions(b, h):
+            return causal_attention_folded(q, k, v)
         k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # (b, h, j, k), views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return rearrange(out, "b h n k -> b n (h k)")

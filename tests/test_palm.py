@@ -95,7 +95,8 @@ def test_cpu_block_attends_through_the_folded_path(monkeypatch):
     calls = []
     folded = palm.causal_attention_folded
     monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1) or folded(*args))
-    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # several blocks at n = 9
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4 in one group: 2 positions a call, 5 calls at n = 9
+    monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
     block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
     x = torch.randn(2, 9, 32)
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
@@ -119,6 +120,20 @@ def test_compiled_block_stays_shape_generic(monkeypatch):
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
     explanation = torch._dynamo.explain(block)(x, cos, sin)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+def test_text_of_one_block_attends_with_is_causal(monkeypatch):
+    from flamingo_pytorch import palm
+
+    calls = []
+    monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1))
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 36)  # h = 4 in one group: 9 positions a call, the whole text
+    monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
+    block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
+    x = torch.randn(2, 9, 32)
+    cos, sin = RotaryEmbedding(8)(torch.arange(9))
+    assert_close(block(x, cos, sin), reference_block(block, x))
+    assert calls == []
 
 
 def test_fused_projection_in_two_parts_equals_the_whole_and_keeps_less():

@@ -275,11 +275,20 @@ class ShapeRecorder(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("self_attention", ["is_causal", "folded"])
 @pytest.mark.parametrize("checkpoint_activations", [False, True])
-def test_no_text_by_text_float_matrix_in_training(checkpoint_activations):
+def test_no_text_by_text_float_matrix_in_training(monkeypatch, checkpoint_activations, self_attention):
     """Causal self-attention and immediate cross-attention build no (n, n) or (n, t m) float scores
-    or masks in forward or backward (on the CPU the self-attention's one additive mask has
+    or masks in forward or backward (on the CPU the folded self-attention's one additive mask has
     ``FOLDED_QUERY_ROWS`` rows at most, whatever n)."""
+    from flamingo_pytorch import palm
+
+    if self_attention == "folded":  # 10 positions of 4 heads a call: 4 calls at n = 37
+        monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 40)
+        monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
+    folded = palm.causal_attention_folded
+    calls = []
+    monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1) or folded(*args))
     n = 37  # a length no other dimension of the tiny model shares
     model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder(), checkpoint_activations=checkpoint_activations)
     model.train()
@@ -292,6 +301,7 @@ def test_no_text_by_text_float_matrix_in_training(checkpoint_activations):
     t_times_m = images.shape[1] * TINY["perceiver_num_latents"]
     wide = [s for s in recorder.shapes if len(s) >= 2 and s[-2] == n and s[-1] in (n, t_times_m)]
     assert wide == []
+    assert bool(calls) == (self_attention == "folded")  # the path meant was taken
 
 
 def test_swiglu_keeps_only_its_inputs_and_matches_autograd():
