@@ -78,8 +78,9 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def placement(args) -> dict:
-    return dict(device=args.device, dtype=getattr(torch, args.dtype))
+def placement(device: str, dtype: str) -> dict:
+    """``to()`` arguments from the device and dtype names given on the command line."""
+    return dict(device=device, dtype=getattr(torch, dtype))
 
 
 def build_ours(model_config: dict, perceiver_config: dict, num_time_embeds: int, place: dict):
@@ -95,7 +96,7 @@ def build_ours(model_config: dict, perceiver_config: dict, num_time_embeds: int,
 
 def run_cases(args, model_config: dict, perceiver_config: dict, cases: list) -> tuple[list[dict], dict]:
     """Each case's routes back to back (ours, then 0.1.2 in its process), so they share the machine's load."""
-    place = placement(args)
+    place = placement(args.device, args.dtype)
     model = build_ours(model_config, perceiver_config, num_time_embeds=16, place=place)
     rows, reference = [], {}
     for length, num_images in cases:
@@ -130,7 +131,7 @@ def token_ids(model_config: dict) -> dict:
 
 def step_time_by_images(args, model_config: dict, perceiver_config: dict, length: int) -> list[dict]:
     """Median time of one cached decoding step after a prompt with 1, 4 and 16 images."""
-    place = placement(args)
+    place = placement(args.device, args.dtype)
     model = build_ours(model_config, perceiver_config, num_time_embeds=16, place=place)
     rows = []
     for num_images in (1, 4, 16):
@@ -177,7 +178,7 @@ def reference_worker(job: dict) -> None:
     model = FlamingoPaLM(**model_config, **perceiver_config, img_encoder=torch.nn.Identity()).eval()
     resampler = model.perceiver_resampler
     resampler.media_pos_emb = torch.nn.Parameter(torch.randn(16, 1, model_config["dim"]))
-    place = dict(device=job["device"], dtype=getattr(torch, job["dtype"]))
+    place = placement(job["device"], job["dtype"])
     model.to(**place)
     media_token_id = model_config["media_token_id"]
     rows = []

@@ -89,19 +89,23 @@ def test_folded_groups_give_every_thread_work(monkeypatch):
     assert [palm.folded_groups(1, 8), palm.folded_groups(4, 8), palm.folded_groups(16, 8)] == [8, 4, 1]
 
 
-def test_cpu_block_attends_through_the_folded_path(monkeypatch):
+@pytest.mark.parametrize(
+    ("rows", "folded_calls"),
+    [(8, [1]), (36, [])],  # h = 4 in one group: 2 positions a call (5 calls at n = 9); 9, the whole text: is_causal
+)
+def test_cpu_block_folds_only_a_text_of_several_blocks(monkeypatch, rows, folded_calls):
     from flamingo_pytorch import palm
 
     calls = []
     folded = palm.causal_attention_folded
     monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1) or folded(*args))
-    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 8)  # h = 4 in one group: 2 positions a call, 5 calls at n = 9
+    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", rows)
     monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
     block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
     x = torch.randn(2, 9, 32)
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
     assert_close(block(x, cos, sin), reference_block(block, x))
-    assert calls == [1]
+    assert calls == folded_calls
 
 
 def test_compiled_block_stays_shape_generic(monkeypatch):
@@ -120,20 +124,6 @@ def test_compiled_block_stays_shape_generic(monkeypatch):
     cos, sin = RotaryEmbedding(8)(torch.arange(9))
     explanation = torch._dynamo.explain(block)(x, cos, sin)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
-
-
-def test_text_of_one_block_attends_with_is_causal(monkeypatch):
-    from flamingo_pytorch import palm
-
-    calls = []
-    monkeypatch.setattr(palm, "causal_attention_folded", lambda *args: calls.append(1))
-    monkeypatch.setattr(palm, "FOLDED_QUERY_ROWS", 36)  # h = 4 in one group: 9 positions a call, the whole text
-    monkeypatch.setattr(palm, "folded_groups", lambda batch, heads: 1)
-    block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
-    x = torch.randn(2, 9, 32)
-    cos, sin = RotaryEmbedding(8)(torch.arange(9))
-    assert_close(block(x, cos, sin), reference_block(block, x))
-    assert calls == []
 
 
 def test_fused_projection_in_two_parts_equals_the_whole_and_keeps_less():
