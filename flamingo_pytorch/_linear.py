@@ -1,13 +1,120 @@
-"""When a layer's weight may be used directly instead of calling the layer."""
+"""Linear layers, and float32 matmuls on the CPU through oneDNN.
+
+PyTorch multiplies float32 matrices on the CPU with MKL's sgemm, which on AMD processors runs
+its AVX2 kernels: about 200 GFLOP/s on the 2-core AMD EPYC (Zen 5) these benchmarks run on,
+where oneDNN (PyTorch's bundled mkldnn, the library behind its bfloat16 CPU matmuls) reaches
+350-490 GFLOP/s on the same shapes, in the same float32 arithmetic (only the order of the sums
+differs). So on x86 CPUs every float32 linear layer and the fused matmuls of this package go
+through ``torch.ops.mkldnn._linear_pointwise``, forward and backward. Everywhere else (GPUs,
+other dtypes, autocast, compiled or traced code, other CPUs) it is ``F.linear`` / ``@``.
+``torch.backends.mkldnn.flags(enabled=False)`` (or ``torch.backends.mkldnn.enabled = False``)
+turns the oneDNN route off.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flamingo_pytorch._tracing import is_traced
+
+# oneDNN's float32 matmul, where PyTorch has it (an x86 build with mkldnn): checked once, here.
+ONEDNN = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` itself (not a subclass, e.g. a quantised or adapter layer) without
-    bias or forward hooks: fused code may then use its ``weight`` without calling it."""
+    """True for this package's ``Linear`` or an ``nn.Linear`` itself (not another subclass, e.g. a
+    quantised or adapter layer) without bias or forward hooks: fused code may then use its
+    ``weight`` without calling it."""
     return (
-        type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
+        type(module) in (nn.Linear, Linear)
+        and module.bias is None
+        and not (module._forward_hooks or module._forward_pre_hooks)
     )
+
+
+def onednn_applies(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a @ b.T`` goes through oneDNN: float32 on an x86 CPU, no autocast, not traced."""
+    if is_traced():  # first: a compiler must not meet the checks below (nor the op: it wants constant weights)
+        return False
+    return (
+        ONEDNN
+        and a.device.type == "cpu"
+        and a.dtype == b.dtype == torch.float32
+        and a.numel() > 0
+        and b.numel() > 0  # oneDNN has no primitive for empty products
+        and torch.backends.mkldnn.enabled
+        and not cpu_autocast()
+    )
+
+
+def cpu_autocast() -> bool:
+    """Whether CPU autocast is on (it picks the matmuls' dtype itself)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def matmul_t(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` for a (..., k) and b (n, k) -> (..., n); no autograd of its own (for use inside
+    autograd functions). Strided views are fine: b is often a transpose."""
+    if onednn_applies(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.T
+
+
+def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad.T @ x`` over all leading dimensions: grad (..., n), x (..., k) -> (n, k)."""
+    grad, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, n), (N, k)
+    if grad.shape[1] > 4 * x.shape[1]:  # a tall weight (the vocabulary's): oneDNN is faster the other way round
+        return matmul_t(x.T, grad.T).T.contiguous()  # (n, k)
+    return matmul_t(grad.T, x.T)  # (n, k)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with all three matmuls through oneDNN (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # Keep what plain autograd would: x for the weight's gradient, the weight for x's.
+        ctx.save_for_backward(x if weight.requires_grad else None, weight if x.requires_grad else None)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for a double backward
+            grad_x = grad @ weight if need_x else None
+            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2) if need_weight else None
+        else:
+            grad_x = matmul_t(grad, weight.T) if need_x else None  # (..., k)
+            grad_weight = weight_grad(grad, x) if need_weight else None  # (n, k)
+        grad_bias = grad.flatten(0, -2).sum(0) if need_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where ``onednn_applies``."""
+    if not onednn_applies(x, weight) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    tracked = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and tracked:
+        return OneDNNLinear.apply(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same ``state_dict``) whose float32 CPU matmuls go through
+    oneDNN (see ``linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from flamingo_pytorch._linear import Linear
 from flamingo_pytorch._validation import (
     check_bool,
     check_last_dim,
@@ -91,9 +92,9 @@ class MaskedCrossAttention(nn.Module):
         self.only_attend_immediate_media = only_attend_immediate_media
         inner = dim_head * heads
         self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(self.media_dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(self.media_dim, inner * 2, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def forward(
         self,

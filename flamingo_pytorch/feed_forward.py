@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import is_plain_linear
+from flamingo_pytorch._linear import Linear, is_plain_linear, matmul_t, weight_grad
 
 
 class GELULinear(torch.autograd.Function):
@@ -23,7 +23,7 @@ class GELULinear(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
         # Cast by hand: autocast would cache a cast of the leaf weight made here, where no graph is
         # recorded, and hand it to later uses of the weight in the same autocast region (torch 2.1 does).
-        out = F.linear(F.gelu(hidden), weight.to(hidden.dtype))  # (..., d); hidden is in autocast's dtype
+        out = matmul_t(F.gelu(hidden), weight.to(hidden.dtype))  # (..., d); hidden is in autocast's dtype
         ctx.save_for_backward(hidden, weight)
         ctx.compute_dtype = out.dtype
         # Which gradients backward computes; torch 2.1's dynamo cannot trace ctx.needs_input_grad.
@@ -37,11 +37,11 @@ class GELULinear(torch.autograd.Function):
         grad = grad.to(dtype)
         grad_hidden = grad_weight = None
         if ctx.grad_weight:  # first, so that the recomputed GELU is freed before grad_hidden exists
-            activation = F.gelu(hidden).to(dtype).reshape(-1, hidden.shape[-1])  # (N, f)
-            grad_weight = (grad.reshape(-1, grad.shape[-1]).T @ activation).to(weight.dtype)  # (d, f)
+            activation = F.gelu(hidden).to(dtype)  # (..., f)
+            grad_weight = weight_grad(grad, activation).to(weight.dtype)  # (d, f)
             del activation
         if ctx.grad_hidden:
-            grad_activation = (grad @ weight.to(dtype)).to(hidden.dtype)  # (..., f)
+            grad_activation = matmul_t(grad, weight.to(dtype).T).to(hidden.dtype)  # (..., f)
             grad_hidden = torch.ops.aten.gelu_backward(grad_activation, hidden)
         return grad_hidden, grad_weight
 
@@ -58,9 +58,9 @@ class FeedForward(nn.Sequential):
         inner = int(dim * mult)
         super().__init__(
             nn.LayerNorm(dim),
-            nn.Linear(dim, inner, bias=False),
+            Linear(dim, inner, bias=False),
             nn.GELU(),
-            nn.Linear(inner, dim, bias=False),
+            Linear(inner, dim, bias=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:

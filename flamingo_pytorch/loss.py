@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flamingo_pytorch._linear import matmul_t, weight_grad
+
 LOGITS_PER_CHUNK = 1 << 22  # c * v, about 16 MiB of float32 logits per chunk ...
 MAX_CHUNKS = 16  # ... unless that makes more chunks than this: each costs ~20 kernel launches on a GPU
 
@@ -42,7 +44,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, y, keep = hidden[rows], targets[rows], valid[rows, None]
-            logits = (h @ weight.T).float()  # (c, v)
+            logits = matmul_t(h, weight).float()  # (c, v)
             target_logit = logits.gather(1, y)  # (c, 1)
             maximum = logits.amax(dim=-1, keepdim=True)  # (c, 1)
             exp = logits.sub_(maximum).exp_()  # (c, v), in place of the logits: one exp serves loss and gradient
@@ -54,9 +56,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, y, keep / -count)  # minus the one-hot target, / count
             grad = grad.to(h.dtype)  # (c, v)
             if need_hidden:
-                grad_hidden[rows] = grad @ weight  # (c, d)
+                grad_hidden[rows] = matmul_t(grad, weight.T)  # (c, d)
             if need_weight:
-                grad_weight += grad.T @ h  # (v, d)
+                grad_weight += weight_grad(grad, h)  # (v, d)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count
 

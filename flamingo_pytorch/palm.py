@@ -20,7 +20,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from flamingo_pytorch._linear import is_plain_linear
+from flamingo_pytorch._linear import Linear, is_plain_linear, linear
 from flamingo_pytorch._tracing import is_traced
 from flamingo_pytorch._validation import check_tensor
 from flamingo_pytorch.loss import linear_cross_entropy
@@ -186,9 +186,9 @@ class ParallelTransformerBlock(nn.Module):
         attn_inner, ff_inner = dim_head * heads, dim * ff_mult
         self.split_sizes = (attn_inner, dim_head, dim_head, ff_inner, ff_inner)
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.fused_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        self.attn_out = nn.Linear(attn_inner, dim, bias=False)
-        self.ff_out = nn.Linear(ff_inner, dim, bias=False)
+        self.fused_proj = Linear(dim, sum(self.split_sizes), bias=False)
+        self.attn_out = Linear(attn_inner, dim, bias=False)
+        self.ff_out = Linear(ff_inner, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x (b, n, d), rotary cos/sin for its positions -> (b, n, d)."""
@@ -213,8 +213,8 @@ class ParallelTransformerBlock(nn.Module):
         if not is_plain_linear(self.fused_proj):
             return self.fused_proj(x).split(self.split_sizes, dim=-1)
         attn_width = sum(self.split_sizes[:3])
-        q, k, v = F.linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
-        ff_value, ff_gate = F.linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
+        q, k, v = linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
+        ff_value, ff_gate = linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
         return q, k, v.contiguous(), ff_value, ff_gate  # v copied: attention keeps it, not q and k beside it
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -282,7 +282,7 @@ class PaLM(nn.Module):
             ParallelTransformerBlock(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self.to_logits = Linear(dim, num_tokens, bias=False)
         self.to_logits.weight = self.token_emb.weight  # tied
 
     def forward(self, text: Tensor, *, labels: Tensor | None = None) -> Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from flamingo_pytorch._linear import Linear
 from flamingo_pytorch._validation import check_last_dim, check_ndim, check_tensor
 from flamingo_pytorch.feed_forward import FeedForward
 
@@ -29,9 +30,9 @@ class PerceiverAttention(nn.Module):
         inner = dim_head * heads
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim, inner * 2, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def forward(self, media: Tensor, latents: Tensor) -> Tensor:
         """media (B, p, d), latents (B, m, d) -> (B, m, d), where B folds batch and media items."""

@@ -1,0 +1,136 @@
+"""Linear layers: oneDNN's float32 CPU matmuls agree with F.linear, forward and backward, and are
+taken exactly where documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import saved_storages
+from torch import nn
+from torch.testing import assert_close
+
+from flamingo_pytorch import _linear
+from flamingo_pytorch._linear import ONEDNN, Linear, is_plain_linear, linear, matmul_t, onednn_applies, weight_grad
+
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN's linear op is not in this PyTorch build / CPU")
+TOL = dict(rtol=1e-5, atol=1e-4)  # float32: only the order of the sums differs
+
+
+def inputs(x_shape, out_features, bias, x_grad=True, weight_grad_=True, transpose_x=False):
+    x = torch.randn(*x_shape[:-2], x_shape[-1], x_shape[-2]).transpose(-1, -2) if transpose_x else torch.randn(x_shape)
+    weight = torch.randn(out_features, x_shape[-1]) / x_shape[-1] ** 0.5
+    b = torch.randn(out_features) if bias else None
+    x.requires_grad_(x_grad)
+    weight.requires_grad_(weight_grad_)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, weight, b
+
+
+def grads_of(fn, tensors, grad_out):
+    tracked = [t for t in tensors if t is not None and t.requires_grad]
+    out = fn()
+    return out, torch.autograd.grad(out, tracked, grad_out)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "out_features", "bias", "transpose_x"),
+    [
+        ((5, 16), 24, False, False),
+        ((2, 7, 16), 24, True, False),
+        ((2, 3, 4, 16), 8, False, False),
+        ((2, 9, 16), 24, False, True),  # a strided input
+        ((6, 8), 80, False, False),  # a tall weight: the weight gradient is computed transposed
+        ((0, 16), 24, True, False),  # no rows
+    ],
+)
+def test_linear_matches_f_linear_forward_and_backward(x_shape, out_features, bias, transpose_x):
+    x, weight, b = inputs(x_shape, out_features, bias, transpose_x=transpose_x)
+    grad_out = torch.randn(*x_shape[:-1], out_features)
+    ours, ours_grads = grads_of(lambda: linear(x, weight, b), (x, weight, b), grad_out)
+    plain, plain_grads = grads_of(lambda: F.linear(x, weight, b), (x, weight, b), grad_out)
+    assert_close(ours, plain, **TOL)
+    for got, expected in zip(ours_grads, plain_grads):
+        assert_close(got, expected, **TOL)
+        assert got.shape == expected.shape and got.is_contiguous() == expected.is_contiguous()
+
+
+@needs_onednn
+def test_onednn_route_is_taken_in_float32_on_the_cpu(monkeypatch):
+    calls = []
+    real = _linear.OneDNNLinear.apply
+    monkeypatch.setattr(_linear.OneDNNLinear, "apply", lambda *args: calls.append(1) or real(*args))
+    x, weight, _ = inputs((4, 8), 6, False)
+    linear(x, weight).sum().backward()
+    assert calls == [1]
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags also sets TF32 (unused here)
+def test_routes_that_keep_f_linear():
+    x, weight = torch.randn(4, 8), torch.randn(6, 8)
+    assert onednn_applies(x, weight)
+    assert not onednn_applies(x.double(), weight.double())
+    assert not onednn_applies(x.bfloat16(), weight.bfloat16())
+    assert not onednn_applies(x[:0], weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_applies(x, weight)
+        assert linear(x, weight).dtype == torch.bfloat16  # autocast still lowers it, as it does F.linear
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not onednn_applies(x, weight)
+        assert torch.equal(linear(x, weight), F.linear(x, weight))  # the documented opt-out is exact
+
+
+def test_frozen_weight_gets_no_gradient_and_keeps_no_input():
+    """As with F.linear: a frozen weight's layer keeps only the weight for x's gradient, not x."""
+    x, weight, _ = inputs((3, 64, 16), 24, False, weight_grad_=False)
+    saved = saved_storages(lambda: linear(x, weight))
+    assert x.untyped_storage().data_ptr() not in saved
+    linear(x, weight).sum().backward()
+    assert weight.grad is None and x.grad is not None
+
+
+def test_input_without_grad_keeps_no_weight():
+    x, weight, _ = inputs((3, 64, 16), 24, False, x_grad=False)
+    saved = saved_storages(lambda: linear(x, weight))
+    assert weight.untyped_storage().data_ptr() not in saved
+    linear(x, weight).sum().backward()
+    assert x.grad is None and weight.grad is not None
+
+
+def test_double_backward_matches_f_linear():
+    """create_graph=True: the backward is itself differentiable (a gradient penalty, say)."""
+
+    def penalty(fn):
+        x, weight, b = inputs((4, 5, 16), 12, True)
+        x.data, weight.data, b.data = base
+        (grad_x,) = torch.autograd.grad(torch.tanh(fn(x, weight, b)).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), (weight, b))
+
+    base = [t.detach() for t in inputs((4, 5, 16), 12, True)]
+    for got, expected in zip(penalty(linear), penalty(F.linear)):
+        assert_close(got, expected, **TOL)
+
+
+def test_matmul_helpers_match_plain_matmuls():
+    a, b, grad = torch.randn(3, 5, 16), torch.randn(24, 16), torch.randn(3, 5, 24)
+    assert_close(matmul_t(a, b), a @ b.T, **TOL)
+    assert_close(matmul_t(grad, b.T), grad @ b, **TOL)  # b.T: a strided "weight"
+    assert_close(weight_grad(grad, a), grad.flatten(0, 1).T @ a.flatten(0, 1), **TOL)
+    tall = torch.randn(3, 5, 100)  # n > 4 k: the transposed route
+    assert_close(weight_grad(tall, a), tall.flatten(0, 1).T @ a.flatten(0, 1), **TOL)
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8, bias=False)
+    torch.manual_seed(0)
+    ours = Linear(16, 8, bias=False)
+    assert isinstance(ours, nn.Linear) and is_plain_linear(ours)
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    assert torch.equal(ours.weight, plain.weight)
+    x = torch.randn(2, 3, 16)
+    assert_close(ours(x), plain(x), **TOL)
+    ours.register_forward_hook(lambda module, args, out: out)
+    assert not is_plain_linear(ours)  # hooked: fused code must call it
