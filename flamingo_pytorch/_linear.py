@@ -41,7 +41,9 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 def onednn_applies(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a @ b.T`` goes through oneDNN: float32 on an x86 CPU, no autocast, not traced."""
+    """Whether ``a @ b.T`` goes through oneDNN: float32 on an x86 CPU, no autocast, not traced, and
+    ``b`` (the weight) dense in either orientation: oneDNN copes with any layout of ``a``, but a
+    sliced or expanded ``b`` sends it down a path about 1000x slower."""
     if is_traced():  # first: a compiler must not meet the checks below (nor the op: it wants constant weights)
         return False
     return (
@@ -50,6 +52,8 @@ def onednn_applies(a: Tensor, b: Tensor) -> bool:
         and a.dtype == b.dtype == torch.float32
         and a.numel() > 0
         and b.numel() > 0  # oneDNN has no primitive for empty products
+        and b.dim() == 2
+        and (b.is_contiguous() or b.T.is_contiguous())
         and torch.backends.mkldnn.enabled
         and not cpu_autocast()
     )

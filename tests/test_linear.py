@@ -74,6 +74,11 @@ def test_routes_that_keep_f_linear():
     assert not onednn_applies(x.double(), weight.double())
     assert not onednn_applies(x.bfloat16(), weight.bfloat16())
     assert not onednn_applies(x[:0], weight)
+    assert onednn_applies(x, torch.randn(8, 6).T)  # a transposed weight is dense: backward's grad @ weight
+    sliced = torch.randn(6, 16)[:, :8]
+    assert not onednn_applies(x, sliced)  # a sliced weight: oneDNN's slow path
+    assert torch.equal(linear(x, sliced), F.linear(x, sliced))
+    assert not onednn_applies(x, torch.randn(1, 8).expand(6, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_applies(x, weight)
         assert linear(x, weight).dtype == torch.bfloat16  # autocast still lowers it, as it does F.linear

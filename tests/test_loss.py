@@ -28,6 +28,21 @@ def test_loss_and_gradients_match_plain_cross_entropy(monkeypatch, weight_trains
         assert_close(got, want)
 
 
+def test_under_autocast_a_float32_weight_gets_its_gradient_from_bfloat16_chunks(monkeypatch):
+    """The weight's gradient is accumulated in float32 from the chunks' bf16 products."""
+    monkeypatch.setattr(loss_module, "LOGITS_PER_CHUNK", 3 * 50)
+    hidden = torch.randn(2, 7, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, expected = linear_cross_entropy(hidden, weight, labels), reference(hidden, weight, labels)
+    grads = torch.autograd.grad(fused, [hidden, weight])
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    assert grads[1].dtype == torch.float32
+    for got, want in zip(grads, expected_grads):
+        assert_close(got.float(), want.float(), rtol=0.05, atol=0.01)
+
+
 def test_chunks_hold_16_mib_of_logits_or_a_sixteenth_of_them():
     assert loss_module.tokens_per_chunk(1024, 20000) == 209  # 2**22 // 20000: 5 chunks of 16 MiB
     assert loss_module.tokens_per_chunk(16384, 20000) == 1024  # 16 chunks, not 79
