@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import saved_storages
+from conftest import IMAGE_SIZE, TINY, open_gates, saved_storages
 from torch import nn
 from torch.testing import assert_close
 
@@ -139,3 +139,33 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
     assert_close(ours(x), plain(x), **TOL)
     ours.register_forward_hook(lambda module, args, out: out)
     assert not is_plain_linear(ours)  # hooked: fused code must call it
+
+
+def test_every_linear_layer_of_the_model_is_ours(tiny_model):
+    """So the whole model takes the fast route (the image encoder is the user's, not ours)."""
+    layers = [module for name, module in tiny_model.named_modules() if isinstance(module, nn.Linear)]
+    assert layers and all(type(module) is Linear for module in layers)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_model_loss_and_gradients_match_the_f_linear_route(tiny_model):
+    open_gates(tiny_model)
+    tiny_model.train()
+    text = torch.randint(4, TINY["num_tokens"], (2, 12))
+    text[:, [2, 7]] = TINY["media_token_id"]
+    pixels = torch.randn(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def loss_and_grads():
+        tiny_model.zero_grad()
+        loss = tiny_model(text, pixels, labels=text.roll(-1, dims=1))
+        loss.backward()
+        return loss, {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain_loss, plain_grads = loss_and_grads()
+    assert_close(loss, plain_loss, **TOL)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_close(grads[name], plain_grads[name], **TOL, msg=name)
