@@ -43,6 +43,7 @@ def grads_of(fn, tensors, grad_out):
         ((2, 9, 16), 24, False, True),  # a strided input
         ((6, 8), 80, False, False),  # a tall weight: the weight gradient is computed transposed
         ((0, 16), 24, True, False),  # no rows
+        ((16,), 24, True, False),  # a single vector, as F.linear allows
     ],
 )
 def test_linear_matches_f_linear_forward_and_backward(x_shape, out_features, bias, transpose_x):
