@@ -88,21 +88,16 @@ def test_routes_that_keep_f_linear():
         assert torch.equal(linear(x, weight), F.linear(x, weight))  # the documented opt-out is exact
 
 
-def test_frozen_weight_gets_no_gradient_and_keeps_no_input():
-    """As with F.linear: a frozen weight's layer keeps only the weight for x's gradient, not x."""
-    x, weight, _ = inputs((3, 64, 16), 24, False, weight_grad_=False)
+@pytest.mark.parametrize("frozen", ["weight", "x"])
+def test_a_frozen_operand_gets_no_gradient_and_the_trained_one_is_not_kept(frozen):
+    """As with F.linear: only the operand the other's gradient needs is kept for backward."""
+    x, weight, _ = inputs((3, 64, 16), 24, False, x_grad=frozen != "x", weight_grad_=frozen != "weight")
+    frozen_operand, trained = (weight, x) if frozen == "weight" else (x, weight)
     saved = saved_storages(lambda: linear(x, weight))
-    assert x.untyped_storage().data_ptr() not in saved
+    assert frozen_operand.untyped_storage().data_ptr() in saved
+    assert trained.untyped_storage().data_ptr() not in saved
     linear(x, weight).sum().backward()
-    assert weight.grad is None and x.grad is not None
-
-
-def test_input_without_grad_keeps_no_weight():
-    x, weight, _ = inputs((3, 64, 16), 24, False, x_grad=False)
-    saved = saved_storages(lambda: linear(x, weight))
-    assert weight.untyped_storage().data_ptr() not in saved
-    linear(x, weight).sum().backward()
-    assert x.grad is None and weight.grad is not None
+    assert frozen_operand.grad is None and trained.grad is not None
 
 
 def test_double_backward_matches_f_linear():
