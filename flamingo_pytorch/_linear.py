@@ -6,7 +6,8 @@ where oneDNN (PyTorch's bundled mkldnn, the library behind its bfloat16 CPU matm
 350-490 GFLOP/s on the same shapes, in the same float32 arithmetic (only the order of the sums
 differs). So on x86 CPUs every float32 linear layer and the fused matmuls of this package go
 through ``torch.ops.mkldnn._linear_pointwise``, forward and backward. Everywhere else (GPUs,
-other dtypes, autocast, compiled or traced code, other CPUs) it is ``F.linear`` / ``@``.
+other dtypes, autocast, compiled or traced code, ``torch.func`` transforms and forward-mode AD,
+other CPUs) it is ``F.linear`` / ``@``.
 ``torch.backends.mkldnn.flags(enabled=False)`` (or ``torch.backends.mkldnn.enabled = False``)
 turns the oneDNN route off.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flamingo_pytorch._tracing import is_traced
+from flamingo_pytorch._tracing import is_traced, is_transformed
 
 # oneDNN's float32 matmul, where PyTorch has it (an x86 build with mkldnn): checked once, here.
 ONEDNN = (
@@ -41,10 +42,11 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 def onednn_applies(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a @ b.T`` goes through oneDNN: float32 on an x86 CPU, no autocast, not traced, and
-    ``b`` (the weight) dense in either orientation: oneDNN copes with any layout of ``a``, but a
-    sliced or expanded ``b`` sends it down a path about 1000x slower."""
-    if is_traced():  # first: a compiler must not meet the checks below (nor the op: it wants constant weights)
+    """Whether ``a @ b.T`` goes through oneDNN: float32 on an x86 CPU, no autocast, not traced or
+    transformed (``torch.func``, forward-mode AD), and ``b`` (the weight) dense in either
+    orientation: oneDNN copes with any layout of ``a``, but a sliced or expanded ``b`` sends it
+    down a path about 1000x slower."""
+    if is_traced() or is_transformed(a, b):  # first: a compiler must not meet the checks below, nor the op
         return False
     return (
         ONEDNN

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flamingo_pytorch._linear import Linear, is_plain_linear, matmul_t, weight_grad
+from flamingo_pytorch._tracing import is_transformed
 
 
 class GELULinear(torch.autograd.Function):
@@ -65,17 +66,18 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d) -> (..., d)."""
-        if not self.fusable():
+        if not self.fusable(x):
             return super().forward(x)
         norm, project_in, project_out = self[0], self[1], self[3]
         return GELULinear.apply(project_in(norm(x)), project_out.weight)
 
-    def fusable(self) -> bool:
+    def fusable(self, x: Tensor) -> bool:
         """Fuse only when autograd will keep activations (without grad, plain layers free the hidden
         tensor sooner) and the layers are the plain, unhooked ones this class built."""
         activation, project_out = self[2], self[3]
         return (
             torch.is_grad_enabled()
+            and not is_transformed(x)  # torch.func, forward-mode AD: GELULinear has no rule for them
             and type(activation) is nn.GELU
             and activation.approximate == "none"
             and is_plain_linear(project_out)

@@ -14,9 +14,11 @@ same matmuls backward would do, so no work is added, and the chunk is freed befo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flamingo_pytorch._linear import matmul_t
+from flamingo_pytorch._tracing import is_transformed
 
 LOGITS_PER_CHUNK = 1 << 22  # c * v, about 16 MiB of float32 logits per chunk ...
 MAX_CHUNKS = 16  # ... unless that makes more chunks than this: each costs ~20 kernel launches on a GPU
@@ -91,4 +93,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     Returns:
         Scalar float32 mean loss over the labelled tokens (0 when none is labelled).
     """
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index)
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()  # (N, d), (N,)
+    if is_transformed(hidden, weight):  # torch.func, forward-mode AD: the plain ops (full logits)
+        return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=ignore_index)
+    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flamingo_pytorch._linear import Linear, is_plain_linear, linear
-from flamingo_pytorch._tracing import is_traced
+from flamingo_pytorch._tracing import is_traced, is_transformed
 from flamingo_pytorch._validation import check_tensor
 from flamingo_pytorch.loss import linear_cross_entropy
 
@@ -70,6 +70,13 @@ class SwiGLU(torch.autograd.Function):
         value, gate = ctx.saved_tensors
         grad_gate = torch.ops.aten.silu_backward(grad * value, gate)  # grad * value * silu'(gate)
         return grad * F.silu(gate), grad_gate
+
+
+def swiglu(value: Tensor, gate: Tensor) -> Tensor:
+    """``value * silu(gate)``, through ``SwiGLU`` except under ``torch.func`` or forward-mode AD."""
+    if is_transformed(value, gate):
+        return value * F.silu(gate)
+    return SwiGLU.apply(value, gate)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -201,7 +208,7 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ff = self.ff_out(SwiGLU.apply(ff_value, ff_gate))
+        ff = self.ff_out(swiglu(ff_value, ff_gate))
         return q, k, v, ff
 
     def fused_projection(self, x: Tensor) -> tuple[Tensor, ...]:

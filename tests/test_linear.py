@@ -165,3 +165,35 @@ def test_model_loss_and_gradients_match_the_f_linear_route(tiny_model):
     assert grads.keys() == plain_grads.keys() and len(grads) > 0
     for name in grads:
         assert_close(grads[name], plain_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.func.jvp scripts a helper
+def test_torch_func_and_forward_mode_ad_take_the_plain_ops(tiny_model):
+    """Our autograd functions define no vmap or jvp rule: under torch.func transforms and forward-mode
+    AD the plain ops run, so per-sample gradients, grad and jvp work as they do for nn.Linear."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    layer = Linear(8, 4, bias=True)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    xs = torch.randn(5, 8)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(5):
+        expected = torch.autograd.grad(F.linear(xs[i], layer.weight, layer.bias).square().sum(), layer.weight)[0]
+        assert_close(per_sample["weight"][i], expected, **TOL)
+    tangent = torch.randn(5, 8)
+    _, out_tangent = jvp(lambda x: layer(x), (xs,), (tangent,))
+    assert_close(out_tangent, F.linear(tangent, layer.weight), **TOL)
+
+    # a whole PaLM training loss (SwiGLU, fused loss) under torch.func.grad
+    palm = tiny_model.palm
+    palm_params = {name: p.detach() for name, p in palm.named_parameters()}
+    text = torch.randint(0, TINY["num_tokens"], (2, 10))
+    labels = text.roll(-1, dims=1)
+    got = grad(lambda p: functional_call(palm, p, (text,), {"labels": labels}))(palm_params)
+    palm(text, labels=labels).backward()
+    for name, param in palm.named_parameters():
+        assert_close(got[name], param.grad, **TOL, msg=name)
