@@ -4,12 +4,16 @@ PyTorch multiplies float32 matrices on the CPU with MKL's sgemm, which on AMD pr
 its AVX2 kernels: about 200 GFLOP/s on the 2-core AMD EPYC (Zen 5) these benchmarks run on,
 where oneDNN (PyTorch's bundled mkldnn, the library behind its bfloat16 CPU matmuls) reaches
 350-490 GFLOP/s on the same shapes, in the same float32 arithmetic (only the order of the sums
-differs). So on x86 CPUs every float32 linear layer and the fused matmuls of this package go
+differs). So on x86 CPUs the float32 linear layers and the fused matmuls of this package go
 through ``torch.ops.mkldnn._linear_pointwise``, forward and backward. Everywhere else (GPUs,
 other dtypes, autocast, compiled or traced code, ``torch.func`` transforms and forward-mode AD,
-other CPUs) it is ``F.linear`` / ``@``.
+tensor subclasses, other CPUs) it is ``F.linear`` / ``@``.
 ``torch.backends.mkldnn.flags(enabled=False)`` (or ``torch.backends.mkldnn.enabled = False``)
 turns the oneDNN route off.
+
+The layers stay plain ``nn.Linear`` modules, so that tools which go by type (``quantize_dynamic``,
+adapters, hooks) see what they expect; the package calls them through ``apply_linear``, which
+multiplies a plain, unhooked layer's weight itself and calls any other module as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from torch import Tensor, nn
 
 from flamingo_pytorch._tracing import is_traced, is_transformed
 
+# The module-call hooks every module honours (torch.nn.modules.module.register_module_forward_hook, ...).
+GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, f"_global_{kind}_hooks", {})
+    for kind in ("forward", "forward_pre", "backward", "backward_pre")
+)
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 # oneDNN's float32 matmul, where PyTorch has it (an x86 build with mkldnn): checked once, here.
 ONEDNN = (
     platform.machine().lower() in ("x86_64", "amd64")
@@ -30,15 +40,24 @@ ONEDNN = (
 )
 
 
+def is_unhooked_linear(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` itself (not a subclass, e.g. a quantised or adapter layer) that no
+    hook watches (its own or global ones): its weight may then be used without calling it."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return type(module) is nn.Linear and not any(hooks) and not any(map(len, GLOBAL_HOOKS))
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    """True for this package's ``Linear`` or an ``nn.Linear`` itself (not another subclass, e.g. a
-    quantised or adapter layer) without bias or forward hooks: fused code may then use its
-    ``weight`` without calling it."""
-    return (
-        type(module) in (nn.Linear, Linear)
-        and module.bias is None
-        and not (module._forward_hooks or module._forward_pre_hooks)
-    )
+    """``is_unhooked_linear`` and without bias: fused code may use its ``weight`` alone."""
+    return is_unhooked_linear(module) and module.bias is None
+
+
+def apply_linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``: an unhooked ``nn.Linear`` through ``linear`` (oneDNN on x86 CPUs), anything
+    else (a quantised layer, an adapter, a hooked layer) called as it is."""
+    if is_unhooked_linear(layer):
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def onednn_applies(a: Tensor, b: Tensor) -> bool:
@@ -52,6 +71,8 @@ def onednn_applies(a: Tensor, b: Tensor) -> bool:
         ONEDNN
         and a.device.type == "cpu"
         and a.dtype == b.dtype == torch.float32
+        and type(a) in PLAIN_TENSORS
+        and type(b) in PLAIN_TENSORS  # a subclass (a quantised weight, a DTensor) knows its own F.linear
         and a.numel() > 0
         and b.numel() > 0  # oneDNN has no primitive for empty products
         and b.dim() == 2
@@ -117,11 +138,3 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if torch.is_grad_enabled() and tracked:
         return OneDNNLinear.apply(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same ``state_dict``) whose float32 CPU matmuls go through
-    oneDNN (see ``linear``)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)

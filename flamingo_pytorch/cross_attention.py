@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import Linear
+from flamingo_pytorch._linear import apply_linear
 from flamingo_pytorch._validation import (
     check_bool,
     check_last_dim,
@@ -92,9 +92,9 @@ class MaskedCrossAttention(nn.Module):
         self.only_attend_immediate_media = only_attend_immediate_media
         inner = dim_head * heads
         self.norm = nn.LayerNorm(dim)
-        self.to_q = Linear(dim, inner, bias=False)
-        self.to_kv = Linear(self.media_dim, inner * 2, bias=False)
-        self.to_out = Linear(inner, dim, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(self.media_dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(
         self,
@@ -140,7 +140,7 @@ class MaskedCrossAttention(nn.Module):
 
     def project_media(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """(b, t, m, e) media -> keys and values, each (b, h, t, m, k). Cacheable across text."""
-        k, v = self.to_kv(media).chunk(2, dim=-1)  # (b, t, m, h k) each
+        k, v = apply_linear(self.to_kv, media).chunk(2, dim=-1)  # (b, t, m, h k) each
         split_heads = "b t m (h k) -> b h t m k"
         return rearrange(k, split_heads, h=self.heads), rearrange(v, split_heads, h=self.heads)
 
@@ -151,12 +151,12 @@ class MaskedCrossAttention(nn.Module):
         is scored against its own item only (``immediate_media.attend_immediate``), so the cost does
         not grow with t.
         """
-        q = self.to_q(self.norm(x))  # (b, n, h k)
+        q = apply_linear(self.to_q, self.norm(x))  # (b, n, h k)
         if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[0] * x.shape[1] > 0:
             out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
         else:
             out = self.attend_dense(q, k, v, index, time_mask)
-        return self.to_out(out)
+        return apply_linear(self.to_out, out)
 
     def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
         """q (b, n, h k) reads all t * m latents under the text-to-media mask -> (b, n, h k)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import Linear, is_plain_linear, matmul_t, weight_grad
+from flamingo_pytorch._linear import apply_linear, is_plain_linear, matmul_t, weight_grad
 from flamingo_pytorch._tracing import is_transformed
 
 
@@ -59,17 +59,18 @@ class FeedForward(nn.Sequential):
         inner = int(dim * mult)
         super().__init__(
             nn.LayerNorm(dim),
-            Linear(dim, inner, bias=False),
+            nn.Linear(dim, inner, bias=False),
             nn.GELU(),
-            Linear(inner, dim, bias=False),
+            nn.Linear(inner, dim, bias=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d) -> (..., d)."""
+        norm, project_in, activation, project_out = self[0], self[1], self[2], self[3]  # as built, or replaced
+        hidden = apply_linear(project_in, norm(x))  # (..., f)
         if not self.fusable(x):
-            return super().forward(x)
-        norm, project_in, project_out = self[0], self[1], self[3]
-        return GELULinear.apply(project_in(norm(x)), project_out.weight)
+            return apply_linear(project_out, activation(hidden))
+        return GELULinear.apply(hidden, project_out.weight)
 
     def fusable(self, x: Tensor) -> bool:
         """Fuse only when autograd will keep activations (without grad, plain layers free the hidden

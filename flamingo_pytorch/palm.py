@@ -20,7 +20,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from flamingo_pytorch._linear import Linear, is_plain_linear, linear
+from flamingo_pytorch._linear import apply_linear, is_plain_linear, linear
 from flamingo_pytorch._tracing import is_traced, is_transformed
 from flamingo_pytorch._validation import check_tensor
 from flamingo_pytorch.loss import linear_cross_entropy
@@ -193,14 +193,14 @@ class ParallelTransformerBlock(nn.Module):
         attn_inner, ff_inner = dim_head * heads, dim * ff_mult
         self.split_sizes = (attn_inner, dim_head, dim_head, ff_inner, ff_inner)
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.fused_proj = Linear(dim, sum(self.split_sizes), bias=False)
-        self.attn_out = Linear(attn_inner, dim, bias=False)
-        self.ff_out = Linear(ff_inner, dim, bias=False)
+        self.fused_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
+        self.attn_out = nn.Linear(attn_inner, dim, bias=False)
+        self.ff_out = nn.Linear(ff_inner, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x (b, n, d), rotary cos/sin for its positions -> (b, n, d)."""
         q, k, v, ff = self.project(x, cos, sin)
-        return x + self.attn_out(self.attend(q, k, v)) + ff
+        return x + apply_linear(self.attn_out, self.attend(q, k, v)) + ff
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
@@ -208,7 +208,7 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ff = self.ff_out(swiglu(ff_value, ff_gate))
+        ff = apply_linear(self.ff_out, swiglu(ff_value, ff_gate))
         return q, k, v, ff
 
     def fused_projection(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -218,7 +218,7 @@ class ParallelTransformerBlock(nn.Module):
         views of a single output they would keep the attention part (and its gradient) alive too.
         """
         if not is_plain_linear(self.fused_proj):
-            return self.fused_proj(x).split(self.split_sizes, dim=-1)
+            return self.fused_proj(x).split(self.split_sizes, dim=-1)  # a quantised or hooked layer
         attn_width = sum(self.split_sizes[:3])
         q, k, v = linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
         ff_value, ff_gate = linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
@@ -252,7 +252,7 @@ class ParallelTransformerBlock(nn.Module):
         mask = repeat(mask, "b 1 n j -> b 1 (h n) j", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, 1, h n, k)
         out = rearrange(out, "b 1 (h n) k -> b n (h k)", n=n)
-        return x + self.attn_out(out) + ff
+        return x + apply_linear(self.attn_out, out) + ff
 
 
 class PaLM(nn.Module):
@@ -289,7 +289,7 @@ class PaLM(nn.Module):
             ParallelTransformerBlock(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.to_logits = Linear(dim, num_tokens, bias=False)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
         self.to_logits.weight = self.token_emb.weight  # tied
 
     def forward(self, text: Tensor, *, labels: Tensor | None = None) -> Tensor:
@@ -309,7 +309,7 @@ class PaLM(nn.Module):
         """
         x = self.norm(x)
         if labels is None:
-            return self.to_logits(x)
+            return apply_linear(self.to_logits, x)
         check_tensor("labels", labels)
         if tuple(labels.shape) != tuple(x.shape[:2]) or labels.dtype.is_floating_point:
             raise ValueError(

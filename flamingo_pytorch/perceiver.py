@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import Linear
+from flamingo_pytorch._linear import apply_linear
 from flamingo_pytorch._validation import check_last_dim, check_ndim, check_tensor
 from flamingo_pytorch.feed_forward import FeedForward
 
@@ -30,20 +30,20 @@ class PerceiverAttention(nn.Module):
         inner = dim_head * heads
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = Linear(dim, inner, bias=False)
-        self.to_kv = Linear(dim, inner * 2, bias=False)
-        self.to_out = Linear(inner, dim, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media: Tensor, latents: Tensor) -> Tensor:
         """media (B, p, d), latents (B, m, d) -> (B, m, d), where B folds batch and media items."""
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # (B, p + m, h k) each
+        q = apply_linear(self.to_q, latents)
+        k, v = apply_linear(self.to_kv, torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # (B, p + m, h k) each
         q = rearrange(q, "B m (h k) -> B h m k", h=self.heads)
         k, v = rearrange(k, "B j (h k) -> B h j k", h=self.heads), rearrange(v, "B j (h k) -> B h j k", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, m, k)
-        return self.to_out(rearrange(out, "B h m k -> B m (h k)"))
+        return apply_linear(self.to_out, rearrange(out, "B h m k -> B m (h k)"))
 
 
 class PerceiverResampler(nn.Module):

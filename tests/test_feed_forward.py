@@ -7,11 +7,14 @@ import torch
 from conftest import saved_storages
 from torch import nn
 
+from flamingo_pytorch._linear import apply_linear
 from flamingo_pytorch.feed_forward import FeedForward
 
 
 def plain_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
-    return nn.Sequential(*ff)(x)  # the same layers, run one after another by autograd
+    """The same layers, run one after another by autograd, their products on the package's matmul route."""
+    norm, project_in, activation, project_out = ff
+    return apply_linear(project_out, activation(apply_linear(project_in, norm(x))))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 16), (16,)])

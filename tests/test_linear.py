@@ -11,7 +11,15 @@ from torch import nn
 from torch.testing import assert_close
 
 from flamingo_pytorch import _linear
-from flamingo_pytorch._linear import ONEDNN, Linear, is_plain_linear, linear, matmul_t, onednn_applies, weight_grad
+from flamingo_pytorch._linear import (
+    ONEDNN,
+    apply_linear,
+    is_plain_linear,
+    linear,
+    matmul_t,
+    onednn_applies,
+    weight_grad,
+)
 
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN's linear op is not in this PyTorch build / CPU")
 TOL = dict(rtol=1e-5, atol=1e-4)  # float32: only the order of the sums differs
@@ -123,24 +131,63 @@ def test_matmul_helpers_match_plain_matmuls():
     assert_close(weight_grad(tall, a), tall.flatten(0, 1).T @ a.flatten(0, 1), **TOL)
 
 
-def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
-    torch.manual_seed(0)
-    plain = nn.Linear(16, 8, bias=False)
-    torch.manual_seed(0)
-    ours = Linear(16, 8, bias=False)
-    assert isinstance(ours, nn.Linear) and is_plain_linear(ours)
-    assert list(ours.state_dict()) == list(plain.state_dict())
-    assert torch.equal(ours.weight, plain.weight)
-    x = torch.randn(2, 3, 16)
-    assert_close(ours(x), plain(x), **TOL)
-    ours.register_forward_hook(lambda module, args, out: out)
-    assert not is_plain_linear(ours)  # hooked: fused code must call it
+class Projection(nn.Module):
+    """A layer as the package calls its linear layers: through ``apply_linear``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_linear(self.layer, x)
 
 
-def test_every_linear_layer_of_the_model_is_ours(tiny_model):
-    """So the whole model takes the fast route (the image encoder is the user's, not ours)."""
-    layers = [module for name, module in tiny_model.named_modules() if isinstance(module, nn.Linear)]
-    assert layers and all(type(module) is Linear for module in layers)
+def test_apply_linear_multiplies_plain_layers_and_calls_any_other():
+    layer, x = nn.Linear(16, 8), torch.randn(2, 3, 16)
+    assert_close(apply_linear(layer, x), layer(x), **TOL)
+    assert not is_plain_linear(layer)  # a bias: fused code must not use the weight alone
+    calls = []
+    layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    apply_linear(layer, x)
+    assert calls == [(2, 3, 8)]  # hooked: called as a module, so its hook runs
+    unhooked = nn.Linear(16, 8, bias=False)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        apply_linear(unhooked, x)
+        assert not is_plain_linear(unhooked) and calls[-1] == 1  # a global hook is honoured too
+    finally:
+        handle.remove()
+    assert is_plain_linear(unhooked)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's own
+def test_quantize_dynamic_swaps_the_layers_and_they_are_called():
+    """The layers stay plain nn.Linear, so tools that go by type find them, and the package then
+    calls the swapped-in modules instead of multiplying the float weight."""
+    quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        pytest.skip("this PyTorch has no torch.ao.quantization.quantize_dynamic")
+    model = Projection(nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    quantized = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.layer) is not nn.Linear
+    assert_close(quantized(x), model(x), rtol=0.05, atol=0.05)
+
+
+def test_no_float32_matmul_of_the_model_falls_back_to_f_linear(tiny_model, monkeypatch):
+    """Every linear layer of a flamingo training step goes through the oneDNN route on this CPU."""
+    if not ONEDNN:
+        pytest.skip("oneDNN's linear op is not in this PyTorch build / CPU")
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    open_gates(tiny_model)
+    text = torch.randint(4, TINY["num_tokens"], (2, 12))
+    text[:, [2, 7]] = TINY["media_token_id"]
+    tiny_model(text, torch.randn(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE), labels=text).backward()
+    with torch.no_grad():
+        tiny_model(text, torch.randn(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert calls == []
 
 
 @needs_onednn
@@ -173,19 +220,20 @@ def test_torch_func_and_forward_mode_ad_take_the_plain_ops(tiny_model):
     AD the plain ops run, so per-sample gradients, grad and jvp work as they do for nn.Linear."""
     from torch.func import functional_call, grad, jvp, vmap
 
-    layer = Linear(8, 4, bias=True)
-    params = {name: p.detach() for name, p in layer.named_parameters()}
+    projection = Projection(nn.Linear(8, 4, bias=True))
+    layer = projection.layer
+    params = {name: p.detach() for name, p in projection.named_parameters()}
     xs = torch.randn(5, 8)
 
     def loss(p, x):
-        return functional_call(layer, p, (x,)).square().sum()
+        return functional_call(projection, p, (x,)).square().sum()
 
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
     for i in range(5):
         expected = torch.autograd.grad(F.linear(xs[i], layer.weight, layer.bias).square().sum(), layer.weight)[0]
-        assert_close(per_sample["weight"][i], expected, **TOL)
+        assert_close(per_sample["layer.weight"][i], expected, **TOL)
     tangent = torch.randn(5, 8)
-    _, out_tangent = jvp(lambda x: layer(x), (xs,), (tangent,))
+    _, out_tangent = jvp(projection, (xs,), (tangent,))
     assert_close(out_tangent, F.linear(tangent, layer.weight), **TOL)
 
     # a whole PaLM training loss (SwiGLU, fused loss) under torch.func.grad
