@@ -119,14 +119,13 @@ class OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad
-        rows = grad.reshape(-1, grad.shape[-1])  # (N, n)
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for a double backward
             grad_x = grad @ weight if need_x else None
-            grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if need_weight else None
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need_weight else None
         else:
             grad_x = matmul_t(grad, weight.T) if need_x else None  # (..., k)
             grad_weight = weight_grad(grad, x) if need_weight else None  # (n, k)
-        grad_bias = rows.sum(0) if need_bias else None  # (n,)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None  # (n,)
         return grad_x, grad_weight, grad_bias
 
 
