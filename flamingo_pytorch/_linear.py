@@ -42,9 +42,12 @@ ONEDNN = (
 
 def is_unhooked_linear(module: nn.Module) -> bool:
     """True for an ``nn.Linear`` itself (not a subclass, e.g. a quantised or adapter layer) that no
-    hook watches (its own or global ones): its weight may then be used without calling it."""
+    hook watches (its own or global ones) and whose ``forward`` nobody replaced on the instance (as
+    offloading wrappers do): its weight may then be used without calling it."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return type(module) is nn.Linear and not any(hooks) and not any(map(len, GLOBAL_HOOKS))
+    # (torch 2.1's dynamo cannot read an instance's forward; compiled code skips the oneDNN route anyway)
+    own_forward = not is_traced() and getattr(module.forward, "__func__", None) is not nn.Linear.forward
+    return type(module) is nn.Linear and not own_forward and not any(hooks) and not any(map(len, GLOBAL_HOOKS))
 
 
 def is_plain_linear(module: nn.Module) -> bool:

@@ -158,6 +158,9 @@ def test_apply_linear_multiplies_plain_layers_and_calls_any_other():
     finally:
         handle.remove()
     assert is_plain_linear(unhooked)
+    unhooked.forward = lambda x: calls.append(2) or nn.Linear.forward(unhooked, x)  # a wrapper, as offloading adds
+    apply_linear(unhooked, x)
+    assert not is_plain_linear(unhooked) and calls[-1] == 2
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's own
