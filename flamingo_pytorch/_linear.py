@@ -134,7 +134,8 @@ class OneDNNLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where ``onednn_applies``."""
-    if not onednn_applies(x, weight) or (bias is not None and bias.dtype != torch.float32):
+    odd_bias = bias is not None and (bias.dtype != torch.float32 or type(bias) not in PLAIN_TENSORS)
+    if odd_bias or not onednn_applies(x, weight):
         return F.linear(x, weight, bias)
     tracked = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and tracked:
