@@ -102,9 +102,15 @@ def matmul_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad.T @ x`` over all leading dimensions: grad (..., n), x (..., k) -> (n, k)."""
+    """``grad.T @ x`` over all leading dimensions: grad (..., n), x (..., k) -> (n, k).
+
+    oneDNN copies its first operand when it is transposed: ``grad.T`` (N n entries) one way round,
+    ``x.T`` and then the (k, n) result (k (N + n) entries) the other. The smaller copy wins (the
+    vocabulary's weight gradient: 80 instead of 100 ms at N = 1024 here).
+    """
     grad, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, n), (N, k)
-    if grad.shape[1] > 4 * x.shape[1]:  # a tall weight (the vocabulary's): oneDNN is faster the other way round
+    (rows, n), k = grad.shape, x.shape[1]
+    if k * (rows + n) < rows * n:
         return matmul_t(x.T, grad.T).T.contiguous()  # (n, k)
     return matmul_t(grad.T, x.T)  # (n, k)
 

@@ -49,7 +49,7 @@ def grads_of(fn, tensors, grad_out):
         ((2, 7, 16), 24, True, False),
         ((2, 3, 4, 16), 8, False, False),
         ((2, 9, 16), 24, False, True),  # a strided input
-        ((6, 8), 80, False, False),  # a tall weight: the weight gradient is computed transposed
+        ((6, 4), 80, False, False),  # a tall weight: k (N + n) < N n, the weight gradient is made transposed
         ((0, 16), 24, True, False),  # no rows
         ((16,), 24, True, False),  # a single vector, as F.linear allows
     ],
@@ -127,8 +127,8 @@ def test_matmul_helpers_match_plain_matmuls():
     assert_close(matmul_t(a, b), a @ b.T, **TOL)
     assert_close(matmul_t(grad, b.T), grad @ b, **TOL)  # b.T: a strided "weight"
     assert_close(weight_grad(grad, a), grad.flatten(0, 1).T @ a.flatten(0, 1), **TOL)
-    tall = torch.randn(3, 5, 100)  # n > 4 k: the transposed route
-    assert_close(weight_grad(tall, a), tall.flatten(0, 1).T @ a.flatten(0, 1), **TOL)
+    tall, narrow = torch.randn(3, 5, 100), torch.randn(3, 5, 4)  # k (N + n) < N n: the transposed route
+    assert_close(weight_grad(tall, narrow), tall.flatten(0, 1).T @ narrow.flatten(0, 1), **TOL)
 
 
 class Projection(nn.Module):
