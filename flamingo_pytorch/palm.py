@@ -218,7 +218,7 @@ class ParallelTransformerBlock(nn.Module):
         views of a single output they would keep the attention part (and its gradient) alive too.
         """
         if not is_plain_linear(self.fused_proj):
-            return self.fused_proj(x).split(self.split_sizes, dim=-1)  # a quantised or hooked layer
+            return self.fused_proj(x).split(self.split_sizes, dim=-1)  # not a plain weight: call the layer
         attn_width = sum(self.split_sizes[:3])
         q, k, v = linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
         ff_value, ff_gate = linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
