@@ -54,29 +54,39 @@ def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: boo
 
 
 class SwiGLU(torch.autograd.Function):
-    """``value * silu(gate)`` that keeps only its two inputs for backward and recomputes the rest.
+    """``value * silu(gate)`` of ``[value | gate]`` (..., 2f) -> (..., f), keeping only its input.
 
-    Plain autograd would also keep ``silu(gate)``, an extra (b, n, f) tensor per layer; here the
-    inputs are views of the fused projection, which backward keeps anyway.
+    Plain autograd would also keep ``silu(gate)``, an extra (b, n, f) tensor per layer, and in
+    backward concatenate the two halves' gradients; here the input is the fused projection's
+    output, which backward keeps anyway, and both halves of its gradient are written into one tensor.
     """
 
     @staticmethod
-    def forward(ctx, value: Tensor, gate: Tensor) -> Tensor:
-        ctx.save_for_backward(value, gate)
+    def forward(ctx, fused: Tensor) -> Tensor:
+        ctx.save_for_backward(fused)
+        value, gate = fused.chunk(2, dim=-1)  # (..., f) views
         return value * F.silu(gate)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        value, gate = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * value, gate)  # grad * value * silu'(gate)
-        return grad * F.silu(gate), grad_gate
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (fused,) = ctx.saved_tensors
+        value, gate = fused.chunk(2, dim=-1)
+        if is_traced():  # compilers take no strided out= (and fuse the concatenation themselves)
+            return torch.cat((grad * F.silu(gate), torch.ops.aten.silu_backward(grad * value, gate)), dim=-1)
+        grad_fused = torch.empty_like(fused)  # (..., 2f)
+        grad_value, grad_gate = grad_fused.chunk(2, dim=-1)  # views written in place
+        torch.mul(grad, F.silu(gate), out=grad_value)
+        torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=grad_gate)  # grad value silu'(gate)
+        return grad_fused
 
 
-def swiglu(value: Tensor, gate: Tensor) -> Tensor:
-    """``value * silu(gate)``, through ``SwiGLU`` except under ``torch.func`` or forward-mode AD."""
-    if is_transformed(value, gate):
+def swiglu(fused: Tensor) -> Tensor:
+    """``value * silu(gate)`` of ``[value | gate]`` (..., 2f), through ``SwiGLU`` except under
+    ``torch.func`` or forward-mode AD."""
+    if is_transformed(fused):
+        value, gate = fused.chunk(2, dim=-1)
         return value * F.silu(gate)
-    return SwiGLU.apply(value, gate)
+    return SwiGLU.apply(fused)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -204,25 +214,26 @@ class ParallelTransformerBlock(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
-        q, k, v, ff_value, ff_gate = self.fused_projection(self.norm(x))
+        q, k, v, ff = self.fused_projection(self.norm(x))
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ff = apply_linear(self.ff_out, swiglu(ff_value, ff_gate))
+        ff = apply_linear(self.ff_out, swiglu(ff))
         return q, k, v, ff
 
     def fused_projection(self, x: Tensor) -> tuple[Tensor, ...]:
-        """Normalised x (b, n, d) -> q (b, n, h k), k and v (b, n, k), SwiGLU's value and gate (b, n, f).
+        """Normalised x (b, n, d) -> q (b, n, h k), k and v (b, n, k), SwiGLU's [value | gate] (b, n, 2f).
 
-        The fused weight is applied in two parts: SwiGLU's backward keeps its two inputs, and as
-        views of a single output they would keep the attention part (and its gradient) alive too.
+        The fused weight is applied in two parts: SwiGLU's backward keeps its input, and as a view
+        of a single output it would keep the attention part (and its gradient) alive too.
         """
-        if not is_plain_linear(self.fused_proj):
-            return self.fused_proj(x).split(self.split_sizes, dim=-1)  # not a plain weight: call the layer
-        attn_width = sum(self.split_sizes[:3])
-        q, k, v = linear(x, self.fused_proj.weight[:attn_width]).split(self.split_sizes[:3], dim=-1)
-        ff_value, ff_gate = linear(x, self.fused_proj.weight[attn_width:]).chunk(2, dim=-1)
-        return q, k, v.contiguous(), ff_value, ff_gate  # v copied: attention keeps it, not q and k beside it
+        attn_sizes = self.split_sizes[:3]
+        if not is_plain_linear(self.fused_proj):  # not a plain weight: call the layer
+            return self.fused_proj(x).split((*attn_sizes, sum(self.split_sizes[3:])), dim=-1)
+        attn_width = sum(attn_sizes)
+        q, k, v = linear(x, self.fused_proj.weight[:attn_width]).split(attn_sizes, dim=-1)
+        ff = linear(x, self.fused_proj.weight[attn_width:])  # (b, n, 2f)
+        return q, k, v.contiguous(), ff  # v copied: attention keeps it, not q and k beside it
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Multi-query attention: q (b, h, n, k) over k, v (b, 1, j, k) -> (b, n, h k).
