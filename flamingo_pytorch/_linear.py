@@ -93,11 +93,16 @@ def cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` by oneDNN, no checks (callers ask ``onednn_applies``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def matmul_t(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` for a (..., k) and b (n, k) -> (..., n); no autograd of its own (for use inside
     autograd functions). Strided views are fine: b is often a transpose."""
     if onednn_applies(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return onednn_linear(a, b)
     return a @ b.T
 
 
@@ -122,7 +127,7 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # Keep what plain autograd would: x for the weight's gradient, the weight for x's.
         ctx.save_for_backward(x if weight.requires_grad else None, weight if x.requires_grad else None)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -146,4 +151,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     tracked = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and tracked:
         return OneDNNLinear.apply(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return onednn_linear(x, weight, bias)
