@@ -37,3 +37,10 @@ def check_shape(name: str, value: Tensor, expected: tuple[int, ...], layout: str
 def check_same_device(name: str, value: Tensor, reference_name: str, reference: Tensor) -> None:
     if value.device != reference.device:
         raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
+
+
+def check_positive(**values: object) -> None:
+    """Each value must be an integer >= 1 (constructor sizes)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import apply_linear
 from flamingo_pytorch._validation import (
     check_bool,
     check_last_dim,
     check_ndim,
+    check_positive,
     check_same_device,
     check_shape,
 )
@@ -86,6 +86,9 @@ class MaskedCrossAttention(nn.Module):
         media_dim: int | None = None,
     ):
         super().__init__()
+        check_positive(dim=dim, dim_head=dim_head, heads=heads)
+        if media_dim is not None:
+            check_positive(media_dim=media_dim)
         self.dim = dim
         self.media_dim = dim if media_dim is None else media_dim
         self.heads = heads
@@ -140,7 +143,7 @@ class MaskedCrossAttention(nn.Module):
 
     def project_media(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """(b, t, m, e) media -> keys and values, each (b, h, t, m, k). Cacheable across text."""
-        k, v = apply_linear(self.to_kv, media).chunk(2, dim=-1)  # (b, t, m, h k) each
+        k, v = self.to_kv(media).chunk(2, dim=-1)  # (b, t, m, h k) each
         split_heads = "b t m (h k) -> b h t m k"
         return rearrange(k, split_heads, h=self.heads), rearrange(v, split_heads, h=self.heads)
 
@@ -151,12 +154,13 @@ class MaskedCrossAttention(nn.Module):
         is scored against its own item only (``immediate_media.attend_immediate``), so the cost does
         not grow with t.
         """
-        q = apply_linear(self.to_q, self.norm(x))  # (b, n, h k)
+        q = self.to_q(self.norm(x))  # (b, n, h k)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # keys cached under autocast may be read outside it, and vice versa
         if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[0] * x.shape[1] > 0:
             out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
         else:
             out = self.attend_dense(q, k, v, index, time_mask)
-        return apply_linear(self.to_out, out)
+        return self.to_out(out)
 
     def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
         """q (b, n, h k) reads all t * m latents under the text-to-media mask -> (b, n, h k)."""
@@ -205,6 +209,7 @@ class GatedCrossAttentionBlock(nn.Module):
         media_dim: int | None = None,
     ):
         super().__init__()
+        check_positive(ff_mult=ff_mult)
         self.attn = MaskedCrossAttention(
             dim=dim,
             dim_head=dim_head,

@@ -109,6 +109,8 @@ class FlamingoPaLM(nn.Module):
             )
             for _ in range(0, depth, cross_attn_every)
         )
+        self.flamingo_mode = False  # whether the language model is frozen (see set_flamingo_mode)
+        self.frozen_by_flamingo_mode: list[str] = []  # names of the palm parameters that freezing froze
         self.img_encoder = img_encoder
         if img_encoder is not None:
             img_encoder.requires_grad_(False)
@@ -130,15 +132,27 @@ class FlamingoPaLM(nn.Module):
         yield from self.gated_cross_attn.parameters()
 
     def set_flamingo_mode(self, flamingo: bool) -> None:
-        """Freeze the language model (True) or make it trainable again (False).
+        """Freeze the language model (True) or give it back the trainable state it had (False).
 
-        ``forward`` calls this itself whenever gradients are enabled: with media, only
-        ``flamingo_parameters()`` train; with text alone, the language model trains too. Under
-        ``torch.no_grad()`` or ``torch.inference_mode()`` a forward changes no ``requires_grad``.
+        ``forward`` calls this itself whenever gradients are enabled: with media, the language model
+        is frozen and only ``flamingo_parameters()`` train; with text alone, the language model
+        trains again. Only a change of mode does anything, and it only touches the language model:
+        switching back unfreezes exactly the parameters that freezing froze, so a
+        ``requires_grad_(False)`` you set yourself (on the resampler, a gated block, or part of the
+        language model) always stays. Under ``torch.no_grad()`` a forward changes nothing.
         """
-        self.palm.requires_grad_(not flamingo)
-        for param in self.flamingo_parameters():
-            param.requires_grad_(True)
+        if flamingo == self.flamingo_mode:
+            return
+        params = dict(self.palm.named_parameters())
+        if flamingo:
+            self.frozen_by_flamingo_mode = [name for name, param in params.items() if param.requires_grad]
+            for name in self.frozen_by_flamingo_mode:
+                params[name].requires_grad_(False)
+        else:
+            for name in self.frozen_by_flamingo_mode:
+                params[name].requires_grad_(True)
+            self.frozen_by_flamingo_mode = []
+        self.flamingo_mode = flamingo
 
     def forward(
         self,
@@ -198,6 +212,8 @@ class FlamingoPaLM(nn.Module):
             if time_mask is not None:
                 raise ValueError("time_mask was given without images, image_embeds or videos")
             return None
+        if isinstance(time_offset, bool) or not isinstance(time_offset, int) or time_offset < 0:
+            raise ValueError(f"time_offset must be an integer >= 0, got {time_offset!r}")
         ((name, media),) = given.items()
         layout = {"images": "(b, t, c, H, W)", "image_embeds": "(b, t, p, e)", "videos": "(b, t, f, c, H, W)"}[name]
         check_ndim(name, media, ({"images": 5, "image_embeds": 4, "videos": 6}[name],), layout)
@@ -241,7 +257,7 @@ class FlamingoPaLM(nn.Module):
     ) -> Tensor:
         """Run the decoder with gated cross-attention to resampled media (b, t, m, e) -> logits or loss."""
         x = self.palm.token_emb(text)  # (b, n, d)
-        cos, sin = self.palm.rotary(torch.arange(text.shape[1], device=text.device))
+        cos, sin = self.palm.rotary(torch.arange(text.shape[1], device=text.device), x.dtype)
         media_locations = text == self.media_token_id  # (b, n)
         recompute = self.palm.checkpoint_activations and self.training
         for i, layer in enumerate(self.palm.layers):

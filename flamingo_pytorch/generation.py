@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_same_device, check_shape
 from flamingo_pytorch.palm import KVCache
-from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
+from flamingo_pytorch.sampling import SamplingSettings, check_max_new_tokens, sample_next_token
 
 # -- state -----------------------------------------------------------------------------------------
 
@@ -177,9 +177,9 @@ def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, atten
     positions = state.positions[:, None] + real.cumsum(dim=-1) - 1  # (b, n), 0 at each row's first real token
     is_media = (text == model.media_token_id) & real  # (b, n)
     index = state.media_count[:, None] + is_media.cumsum(dim=-1)  # (b, n)
-    cos, sin = palm.rotary(positions.clamp(min=0))  # (b, 1, n, k) each
-    mask = self_attention_mask(state.valid[:, :end], start)  # (b, 1, n, j)
     x = palm.token_emb(text)  # (b, n, d)
+    cos, sin = palm.rotary(positions.clamp(min=0), x.dtype)  # (b, 1, n, k) each
+    mask = self_attention_mask(state.valid[:, :end], start)  # (b, 1, n, j)
     for i, layer in enumerate(palm.layers):
         if state.media_kv is not None and i % model.cross_attn_every == 0:
             x = cross_attend(model, state, i // model.cross_attn_every, x, index)
@@ -236,6 +236,7 @@ def extend(
     time_mask = media.get("time_mask")
     resampled = encode_new_media(model, state, text, media)  # (b, t, m, e) or None
     if resampled is not None:
+        check_tokens_before_new_media(state)
         first_media = state.media_kv is None
         state.add_media(model, resampled, time_mask)
         if first_media and state.length > 0:
@@ -244,13 +245,27 @@ def extend(
     return state
 
 
+def check_tokens_before_new_media(state: GenerationState) -> None:
+    """New items take each row's slots after its last real item; raise if the row's text already
+    holds more media tokens than that (a token for a padded item, or one with no item): the new
+    items would then be read by the wrong tokens."""
+    items, tokens = state.items_per_row(), state.media_count  # (b,) each
+    if bool((tokens > items).any()):
+        row = int((tokens > items).nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of the conversation holds {int(tokens[row])} media tokens but only {int(items[row])} real "
+            "media items, so its text holds a media token for a padded item (time_mask False) or for no item; "
+            "new media cannot follow it: give each media token a real item"
+        )
+
+
 def encode_new_media(model: nn.Module, state: GenerationState, text: Tensor, media: dict) -> Tensor | None:
     """Encode and resample a turn's media; each row's items get the time embeddings of their place
     among that row's items (``items_per_row``), so rows with different counts are resampled apart."""
     offsets = state.items_per_row()  # (b,)
     groups = offsets.unique().tolist()
-    if len(groups) == 1 or all(value is None for value in media.values()):
-        return model.encode_media(text, **media, time_offset=groups[0])
+    if len(groups) <= 1 or all(value is None for value in media.values()):  # (no groups: an empty batch)
+        return model.encode_media(text, **media, time_offset=groups[0] if groups else 0)
     resampled = None
     for offset in groups:
         rows = (offsets == offset).nonzero()[:, 0]
@@ -282,6 +297,7 @@ def prefill(
 ) -> GenerationState:
     """A new state holding the prompt, with room for ``max_new_tokens`` more slots."""
     model.check_text(text)
+    check_max_new_tokens(max_new_tokens)
     state = GenerationState(model, batch=text.shape[0], capacity=text.shape[1] + max_new_tokens, device=text.device)
     return extend(model, state, text, media, attention_mask)
 

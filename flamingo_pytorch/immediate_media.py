@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from flamingo_pytorch._tracing import is_traced
-
 
 def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """q (b, n, h k) reads only its own item of k, v (b, h, t, m, k) -> (b, n, h k); needs t > 0.
@@ -107,22 +105,19 @@ def immediate_num_overflow(num_text: int, chunk: int) -> int:
     return max(num_text - 1, 0) // chunk
 
 
-def immediate_chunks(
-    index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int, *, exact: bool = False
-) -> tuple[Tensor, ...]:
+def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, chunk: int) -> tuple[Tensor, ...]:
     """Lay each item's (contiguous) segment of tokens out in chunks of ``chunk`` tokens.
 
     Item j's first c tokens fill first chunk j, which reads item j; the rest of its segment goes
-    into overflow chunks, o slots after the t first chunks. Unless ``exact``, every shape depends
-    only on b, n, t and c (o = ``immediate_num_overflow``).
+    into overflow chunks, o slots after the t first chunks. Every shape depends only on b, n, t
+    and c (o = ``immediate_num_overflow``), never on the data: no host sync, and one graph under
+    ``torch.compile``.
 
     Args:
         index: (b, n) non-decreasing media index of each token.
         time_mask: (b, t) bool or None.
         num_media: t.
         chunk: c, tokens per chunk.
-        exact: o is the number of overflow chunks the data needs (read back from the tensors: a
-            host sync), rather than ``immediate_num_overflow``, the most any data can need.
 
     Returns:
         chunk_token: (b, (t + o) c) the token each chunk row holds (rows past a segment's end
@@ -143,7 +138,7 @@ def immediate_chunks(
     extra = ((lengths - chunk).clamp(min=0) + chunk - 1) // chunk  # (b, t) overflow chunks of each item
     extra_end = extra.cumsum(dim=-1)  # (b, t)
     extra_start = extra_end - extra  # (b, t)
-    o = int(extra_end[:, -1].max()) if exact and b > 0 else immediate_num_overflow(n, chunk)
+    o = immediate_num_overflow(n, chunk)
 
     slot = torch.arange(o, device=device).expand(b, o).contiguous()  # (b, o)
     overflow_item = torch.searchsorted(extra_end, slot, right=True).clamp(max=t - 1)  # (b, o); unused -> t - 1
@@ -161,13 +156,6 @@ def immediate_chunks(
     return chunk_token, overflow_item, token_row, reads
 
 
-def sizes_overflow_exactly(device: torch.device) -> bool:
-    """Whether ``attend_by_chunks`` sizes its overflow chunks to the data, which reads a count back
-    from the tensors: only on the CPU, where that costs nothing, and never while being compiled or
-    traced (a traced graph would keep the count of its example)."""
-    return device.type == "cpu" and not is_traced()
-
-
 def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
@@ -175,15 +163,12 @@ def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
     which attends to the item's keys and values where they are (no copy); the rest of long
     segments fill o <= (n - 1) / c overflow chunks, each reading a copy of its item's keys and
     values. Every chunk attends without a mask, so the score work is (t c + o c) m <= (5 n + 4 t) m
-    whatever the layout, and no (n, t m) mask is built. On accelerators and under
-    ``torch.compile`` no shape depends on the data (no host sync; o is the most any layout can
-    need); on the CPU, where a sync is free, o is what the layout needs. Tokens that read nothing
-    give exactly zero.
+    whatever the layout, and no (n, t m) mask is built. No shape depends on the data (o is the
+    most any layout can need), so there is no host sync. Tokens that read nothing give exactly zero.
     """
     (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
     chunk = immediate_chunk_size(n, t, m)
-    exact = sizes_overflow_exactly(q.device)
-    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk, exact=exact)
+    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
     k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
     first_rows = chunk_token[:, : t * chunk]  # (b, t c)
     q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)

@@ -1,99 +1,83 @@
-"""Cross-entropy fused with the output projection: the logits never exist for all tokens at once.
+"""Cross-entropy over the output projection, a chunk of tokens at a time: the full logits never exist.
 
 Shapes:
-    N tokens (batch and length folded), d width, v vocabulary, c tokens per chunk.
+    N labelled tokens, d width, v vocabulary, c tokens per chunk.
 
 With a 20k-token vocabulary the float32 logits of a (2, 512) batch take 78 MiB, and a plain
-``F.cross_entropy(logits)`` keeps three such tensors alive at the start of backward (the logits'
-log-softmax, its gradient and the logits' gradient): the peak memory of a Flamingo training step.
-Here the logits are made c tokens at a time, and each chunk's gradient with respect to the hidden
-states (and to the projection, when it trains) is computed right away, in the forward pass: the
-same matmuls backward would do, so no work is added, and the chunk is freed before the next one.
+``F.cross_entropy(logits)`` keeps three such tensors alive at the start of backward (the logits,
+their log-softmax and its gradient): the peak memory of a Flamingo training step. Here only the
+labelled tokens are projected, c at a time, each chunk under activation checkpointing: autograd
+keeps a chunk's input, not its logits, and backward recomputes one chunk's logits at a time.
+Plain autograd throughout, so hooks, adapters and quantisation of the projection apply, double
+backward works, and ``torch.no_grad()`` does no gradient work.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from flamingo_pytorch._linear import matmul_t
-from flamingo_pytorch._tracing import is_transformed
+from flamingo_pytorch._validation import check_tensor
 
-LOGITS_PER_CHUNK = 1 << 22  # c * v, about 16 MiB of float32 logits per chunk ...
-MAX_CHUNKS = 16  # ... unless that makes more chunks than this: each costs ~20 kernel launches on a GPU
+LOGITS_PER_CHUNK = 1 << 22  # c * v: about 16 MiB of float32 logits per chunk ...
+MAX_CHUNKS = 16  # ... unless that makes more chunks than this (each costs a few kernel launches on a GPU)
 
 
 def tokens_per_chunk(num_tokens: int, vocab: int) -> int:
-    """c: ``LOGITS_PER_CHUNK`` logits per chunk, or 1 / ``MAX_CHUNKS`` of them all if that is more."""
+    """c: ``LOGITS_PER_CHUNK`` logits per chunk, or 1 / ``MAX_CHUNKS`` of all tokens if that is more."""
     return max(1, LOGITS_PER_CHUNK // vocab, -(-num_tokens // MAX_CHUNKS))
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean of ``cross_entropy(hidden @ weight.T, labels)`` over labels that are not ``ignore_index``."""
+def summed_cross_entropy(to_logits: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """Sum of the cross-entropy of ``to_logits(hidden)`` (c, v) against labels (c,), in at least float32."""
+    logits = to_logits(hidden)  # (c, v)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels, reduction="sum")
 
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-        """hidden (N, d), weight (v, d), labels (N,) -> scalar float32 loss."""
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        valid = labels != ignore_index  # (N,)
-        count = valid.sum().clamp(min=1)
-        targets = labels.where(valid, 0)[:, None]  # (N, 1), ignored rows point anywhere
-        chunk = tokens_per_chunk(hidden.shape[0], weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h, y, keep = hidden[rows], targets[rows], valid[rows, None]
-            logits = matmul_t(h, weight).float()  # (c, v)
-            target_logit = logits.gather(1, y)  # (c, 1)
-            maximum = logits.amax(dim=-1, keepdim=True)  # (c, 1)
-            exp = logits.sub_(maximum).exp_()  # (c, v), in place of the logits: one exp serves loss and gradient
-            sum_exp = exp.sum(dim=-1, keepdim=True)  # (c, 1)
-            total += ((maximum + sum_exp.log() - target_logit) * keep).sum()
-            if not (need_hidden or need_weight):
-                continue
-            grad = exp.mul_(keep / (sum_exp * count))  # softmax / count; ignored rows give zero
-            grad.scatter_add_(1, y, keep / -count)  # minus the one-hot target, / count
-            grad = grad.to(h.dtype)  # (c, v)
-            if need_hidden:
-                grad_hidden[rows] = matmul_t(grad, weight.T)  # (c, d)
-            if need_weight:
-                # (v, d), a plain matmul: for this tall product oneDNN would copy the chunk's transposed
-                # gradient (16 MiB) or its (d, v) result, and is barely faster (230 vs 200 GFLOP/s here)
-                if grad_weight.dtype == h.dtype:
-                    grad_weight.addmm_(grad.T, h)  # accumulated in place: no (v, d) temporary per chunk
-                else:  # autocast: h is in the lower precision, the gradient in the weight's
-                    grad_weight += grad.T @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / count
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype if grad_hidden is not None else grad_weight.dtype)
-        return (
-            grad_hidden * scale if grad_hidden is not None else None,
-            grad_weight * scale if grad_weight is not None else None,
-            None,
-            None,
+def check_labels(labels: object, shape: tuple[int, ...], num_tokens: int, ignore_index: int) -> Tensor:
+    """Labels (b, n) integer ids in [0, num_tokens) or ``ignore_index``; raises ValueError/TypeError otherwise."""
+    labels = check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape (batch, text length) = {tuple(shape)}, got {tuple(labels.shape)}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_tokens))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be token ids in [0, {num_tokens}) or {ignore_index} (no target), "
+            f"got {int(labels[bad][0])} at position {tuple(bad.nonzero()[0].tolist())}"
         )
+    return labels
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """``F.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index)`` without the full logits.
+def chunked_cross_entropy(
+    hidden: Tensor, to_logits: nn.Module, labels: Tensor, *, num_tokens: int, ignore_index: int = -100
+) -> Tensor:
+    """``F.cross_entropy(to_logits(hidden), labels, ignore_index=ignore_index)`` without the full logits.
 
     Args:
-        hidden: (..., d) final hidden states.
-        weight: (v, d) output projection.
-        labels: (...) target token ids; ``ignore_index`` marks tokens without a target.
-        ignore_index: label value that contributes nothing.
+        hidden: (b, n, d) final hidden states.
+        to_logits: the output projection, (..., d) -> (..., v); called as a module.
+        labels: (b, n) target token ids; ``ignore_index`` marks tokens without a target.
+        num_tokens: v, the vocabulary size (labels must lie in [0, v)).
+        ignore_index: label value that contributes nothing (its hidden state is never read).
 
     Returns:
-        Scalar float32 mean loss over the labelled tokens (0 when none is labelled).
+        Scalar mean loss over the labelled tokens (0 when none is labelled), in the logits' dtype
+        promoted to at least float32.
     """
-    hidden, labels = hidden.flatten(0, -2), labels.flatten()  # (N, d), (N,)
-    if is_transformed(hidden, weight):  # torch.func, forward-mode AD: the plain ops (full logits)
-        return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=ignore_index)
-    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index)
+    labels = check_labels(labels, hidden.shape[:-1], num_tokens, ignore_index)
+    keep = (labels != ignore_index).flatten()  # (b n,)
+    hidden, labels = hidden.flatten(0, -2)[keep], labels.flatten()[keep]  # (N, d), (N,)
+    chunk = tokens_per_chunk(hidden.shape[0], num_tokens)
+    total = None
+    for h, y in zip(hidden.split(chunk), labels.split(chunk)):  # an empty selection still gives one chunk
+        if torch.is_grad_enabled():
+            part = checkpoint(summed_cross_entropy, to_logits, h, y, use_reentrant=False)
+        else:
+            part = summed_cross_entropy(to_logits, h, y)
+        total = part if total is None else total + part
+    return total / max(hidden.shape[0], 1)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._linear import apply_linear
 from flamingo_pytorch._validation import check_last_dim, check_ndim, check_tensor
 from flamingo_pytorch.feed_forward import FeedForward
 
@@ -38,12 +37,12 @@ class PerceiverAttention(nn.Module):
         """media (B, p, d), latents (B, m, d) -> (B, m, d), where B folds batch and media items."""
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        q = apply_linear(self.to_q, latents)
-        k, v = apply_linear(self.to_kv, torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # (B, p + m, h k) each
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # (B, p + m, h k) each
         q = rearrange(q, "B m (h k) -> B h m k", h=self.heads)
         k, v = rearrange(k, "B j (h k) -> B h j k", h=self.heads), rearrange(v, "B j (h k) -> B h j k", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, m, k)
-        return apply_linear(self.to_out, rearrange(out, "B h m k -> B m (h k)"))
+        return self.to_out(rearrange(out, "B h m k -> B m (h k)"))
 
 
 class PerceiverResampler(nn.Module):
@@ -109,6 +108,8 @@ class PerceiverResampler(nn.Module):
         Returns:
             ``(b, t, num_latents, d)``.
         """
+        if isinstance(time_offset, bool) or not isinstance(time_offset, int) or time_offset < 0:
+            raise ValueError(f"time_offset must be an integer >= 0, got {time_offset!r}")
         media = self._add_frame_embeds(media)  # (b, t, p', d)
         b, t = media.shape[:2]
         if time_offset + t > self.num_time_embeds:

@@ -12,6 +12,11 @@ import torch
 from torch import Tensor
 
 
+def check_max_new_tokens(max_new_tokens: object) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How ``generate`` picks tokens; see ``FlamingoPaLM.generate`` for the meaning of each field."""
@@ -26,10 +31,11 @@ class SamplingSettings:
 
     def check(self, num_tokens: int) -> None:
         """Raise ValueError/TypeError naming the first bad setting."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        check_max_new_tokens(self.max_new_tokens)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -7,7 +7,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from flamingo_pytorch import FlamingoPaLM, MaskedCrossAttention, immediate_media
+from flamingo_pytorch import FlamingoPaLM, MaskedCrossAttention
 from flamingo_pytorch.cross_attention import media_index
 
 TINY = dict(
@@ -62,15 +62,6 @@ def saved_storages(fn) -> dict[int, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn()
     return storages
-
-
-@pytest.fixture(params=["exact", "static"])
-def overflow_sizing(request, monkeypatch):
-    """Run a test with the overflow chunks sized to the data (the CPU's eager path) and with the
-    static bound that accelerators and torch.compile use."""
-    exact = request.param == "exact"
-    monkeypatch.setattr(immediate_media, "sizes_overflow_exactly", lambda device: exact)
-    return request.param
 
 
 def dense_and_segmented(attn: MaskedCrossAttention, x, media, locations, time_mask):
