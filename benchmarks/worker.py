@@ -184,22 +184,14 @@ def make_step(case: dict, device: torch.device):
 
 
 def matmul_case(case: dict, device: torch.device) -> dict:
-    """Median rate of (m, k) @ (k, n) float32 (bf16 with autocast) matmuls, in GFLOP/s.
-
-    On an x86 CPU in float32 also through oneDNN (key suffix " oneDNN"), the route our linear
-    layers take there (flamingo_pytorch/_linear.py); ``a @ b`` is MKL's sgemm. The best is the
-    rate a step's efficiency is measured against."""
+    """Median rate of (m, k) @ (k, n) float32 (bf16 with autocast) matmuls, in GFLOP/s; the best is
+    the rate a step's efficiency is measured against."""
     dtype = torch.bfloat16 if case["autocast"] == "bf16" else torch.float32
-    onednn = device.type == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     rates = {}
     for m, k, n in case["shapes"]:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        routes = {"": lambda a=a, b=b: a @ b}
-        if onednn:
-            routes[" oneDNN"] = lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [], "")
-        for suffix, multiply in routes.items():
-            seconds = timed(multiply, case, device)
-            rates[f"{m}x{k}x{n}{suffix}"] = 2 * m * k * n / statistics.median(seconds) / 1e9
+        seconds = timed(lambda a=a, b=b: a @ b, case, device)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(seconds) / 1e9
     return {"gflops": rates, "best_gflops": max(rates.values())}
 
 
