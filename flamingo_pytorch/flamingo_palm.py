@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from flamingo_pytorch import generation
 from flamingo_pytorch._validation import check_bool, check_ndim, check_same_device, check_shape, check_tensor
+from flamingo_pytorch.checkpointing import run_maybe_checkpointed
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.generation import GenerationState
-from flamingo_pytorch.palm import PaLM, run_maybe_checkpointed
+from flamingo_pytorch.palm import PaLM
 from flamingo_pytorch.perceiver import PerceiverResampler
 from flamingo_pytorch.sampling import SamplingSettings
 

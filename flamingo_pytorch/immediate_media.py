@@ -22,7 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
 
@@ -156,6 +156,11 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     return chunk_token, overflow_item, token_row, reads
 
 
+def expand_rows(rows: Tensor, width: int) -> Tensor:
+    """Row indices (b, r) -> a gather index (b, r, width), a view: autograd then keeps (b, r) integers."""
+    return rearrange(rows, "b r -> b r 1").expand(-1, -1, width)
+
+
 def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
     """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
@@ -171,16 +176,16 @@ def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
     chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
     k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
     first_rows = chunk_token[:, : t * chunk]  # (b, t c)
-    q_first = q.gather(1, repeat(first_rows, "b r -> b r i", i=inner))  # (b, t c, h k)
+    q_first = q.gather(1, expand_rows(first_rows, inner))  # (b, t c, h k)
     q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
     out = F.scaled_dot_product_attention(q_first, k_items, v_items)  # (b t, h, c, k)
     out = rearrange(out, "(b t) h c k -> b (t c) (h k)", b=b)
     if overflow_item.shape[1] > 0:
         over_rows = chunk_token[:, t * chunk :]  # (b, o c)
-        q_over = q.gather(1, repeat(over_rows, "b r -> b r i", i=inner))  # (b, o c, h k)
+        q_over = q.gather(1, expand_rows(over_rows, inner))  # (b, o c, h k)
         q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
         k_over, v_over = gather_items(k, v, overflow_item)  # (b o, h, m, k) each
         out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
         out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
-    out = out.gather(1, repeat(token_row, "b n -> b n i", i=inner))  # (b, n, h k)
+    out = out.gather(1, expand_rows(token_row, inner))  # (b, n, h k)
     return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from flamingo_pytorch._validation import check_positive
+from flamingo_pytorch.checkpointing import recompute_elementwise, run_maybe_checkpointed
 from flamingo_pytorch.loss import chunked_cross_entropy
 
 
@@ -59,13 +59,6 @@ def swiglu(fused: Tensor) -> Tensor:
     """``value * silu(gate)`` of ``[value | gate]`` (..., 2f) -> (..., f)."""
     value, gate = fused.chunk(2, dim=-1)  # (..., f) each
     return value * F.silu(gate)
-
-
-def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: bool) -> Tensor:
-    """``module(*args)``; with ``enabled`` and grad on, its activations are recomputed in backward instead of kept."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
 
 
 class KVCache(nn.Module):
@@ -140,7 +133,11 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v, self.ff_out(swiglu(ff))
+        return q, k, v, recompute_elementwise(self.feed_forward, ff)
+
+    def feed_forward(self, ff: Tensor) -> Tensor:
+        """SwiGLU's [value | gate] (b, n, 2f) -> (b, n, d)."""
+        return self.ff_out(swiglu(ff))
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int, mask: Tensor) -> Tensor:
         """Run on new tokens x (b, n, d) placed at cache slots start..start+n-1 -> (b, n, d).
