@@ -1,35 +1,28 @@
 """Activation checkpointing: keep less for backward, recompute the rest.
 
 ``run_maybe_checkpointed`` is the usual whole-layer checkpointing (``checkpoint_activations=True``).
-``recompute_elementwise`` is always on in training and costs almost nothing: inside it the outputs
-of matrix products are kept as usual, and only the elementwise ops (GELU, SiLU, a product) are run
-again in backward, so their wide (..., f) outputs are never stored. Both are plain
-``torch.utils.checkpoint``: modules are called as modules, and second derivatives work.
+``recompute_activation`` is always on in training and costs almost nothing. It wraps an activation
+and the projection after it, ``project(activation(hidden))``: autograd then keeps only ``hidden``
+(which the layer before keeps anyway), and backward recomputes the activation. The recomputation
+stops as soon as it has what backward needs, before the projection's matmul runs again.
+Both are plain non-reentrant ``torch.utils.checkpoint``: modules are called as modules (their
+hooks also fire during the recomputation), and second derivatives work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+from torch.utils.checkpoint import checkpoint
 
 
-def keep_matmul_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpointing policy: store what matrix products return, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def recompute_elementwise(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
-    """``fn(*args)``; with grad on, what its elementwise ops would keep for backward is recomputed instead."""
+def recompute_activation(fn: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
+    """``fn(hidden)``, an activation and a projection; with grad on, the activation's output is not stored."""
     if not torch.is_grad_enabled():
-        return fn(*args)
-    context = partial(create_selective_checkpoint_contexts, keep_matmul_outputs)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+        return fn(hidden)
+    return checkpoint(fn, hidden, use_reentrant=False)
 
 
 def run_maybe_checkpointed(module: nn.Module, *args: Tensor | None, enabled: bool) -> Tensor:

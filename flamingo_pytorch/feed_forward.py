@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from flamingo_pytorch.checkpointing import recompute_elementwise
+from flamingo_pytorch.checkpointing import recompute_activation
 
 
 class FeedForward(nn.Sequential):
@@ -15,7 +15,7 @@ class FeedForward(nn.Sequential):
 
     Children 0 to 3 as in an ``nn.Sequential``, each called as a module, so hooks, adapters and
     quantisation of any layer apply. In training the GELU is recomputed in backward rather than
-    its (..., f) output stored (see ``recompute_elementwise``).
+    its (..., f) output stored (see ``recompute_activation``).
     """
 
     def __init__(self, dim: int, mult: int = 4):
@@ -30,7 +30,7 @@ class FeedForward(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d) -> (..., d)."""
         norm, project_in, _, _ = self
-        return recompute_elementwise(self.activate_and_project, project_in(norm(x)))
+        return recompute_activation(self.activate_and_project, project_in(norm(x)))
 
     def activate_and_project(self, hidden: Tensor) -> Tensor:
         """hidden (..., f) -> (..., d)."""

@@ -19,7 +19,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_positive
-from flamingo_pytorch.checkpointing import recompute_elementwise, run_maybe_checkpointed
+from flamingo_pytorch.checkpointing import recompute_activation, run_maybe_checkpointed
 from flamingo_pytorch.loss import chunked_cross_entropy
 
 
@@ -133,7 +133,7 @@ class ParallelTransformerBlock(nn.Module):
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
         k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v, recompute_elementwise(self.feed_forward, ff)
+        return q, k, v, recompute_activation(self.feed_forward, ff)
 
     def feed_forward(self, ff: Tensor) -> Tensor:
         """SwiGLU's [value | gate] (b, n, 2f) -> (b, n, d)."""
