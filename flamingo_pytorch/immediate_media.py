@@ -156,9 +156,13 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
     return chunk_token, overflow_item, token_row, reads
 
 
-def expand_rows(rows: Tensor, width: int) -> Tensor:
-    """Row indices (b, r) -> a gather index (b, r, width), a view: autograd then keeps (b, r) integers."""
-    return rearrange(rows, "b r -> b r 1").expand(-1, -1, width)
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (b, n, i) at row indices (b, r) -> (b, r, i). (Through ``index_select``, whose backward keeps
+    only the indices, where ``gather``'s would also keep x.)"""
+    b, n = x.shape[:2]
+    flat_rows = rows + torch.arange(b, device=rows.device)[:, None] * n  # (b, r) rows of the (b n) rows
+    picked = x.flatten(0, 1).index_select(0, rearrange(flat_rows, "b r -> (b r)"))  # (b r, i)
+    return rearrange(picked, "(b r) i -> b r i", b=b)
 
 
 def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
@@ -171,21 +175,21 @@ def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
     whatever the layout, and no (n, t m) mask is built. No shape depends on the data (o is the
     most any layout can need), so there is no host sync. Tokens that read nothing give exactly zero.
     """
-    (b, n, inner), (heads, t, m) = q.shape, k.shape[1:4]
+    (b, n), (heads, t, m) = q.shape[:2], k.shape[1:4]
     chunk = immediate_chunk_size(n, t, m)
     chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
     k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
     first_rows = chunk_token[:, : t * chunk]  # (b, t c)
-    q_first = q.gather(1, expand_rows(first_rows, inner))  # (b, t c, h k)
+    q_first = take_rows(q, first_rows)  # (b, t c, h k)
     q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
     out = F.scaled_dot_product_attention(q_first, k_items, v_items)  # (b t, h, c, k)
     out = rearrange(out, "(b t) h c k -> b (t c) (h k)", b=b)
     if overflow_item.shape[1] > 0:
         over_rows = chunk_token[:, t * chunk :]  # (b, o c)
-        q_over = q.gather(1, expand_rows(over_rows, inner))  # (b, o c, h k)
+        q_over = take_rows(q, over_rows)  # (b, o c, h k)
         q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
         k_over, v_over = gather_items(k, v, overflow_item)  # (b o, h, m, k) each
         out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
         out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
-    out = out.gather(1, expand_rows(token_row, inner))  # (b, n, h k)
+    out = take_rows(out, token_row)  # (b, n, h k)
     return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)

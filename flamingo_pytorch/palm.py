@@ -106,17 +106,20 @@ class KVCache(nn.Module):
 class ParallelTransformerBlock(nn.Module):
     """``x + attn(norm(x)) + ffw(norm(x))`` with multi-query causal attention and SwiGLU.
 
-    One fused bias-free projection produces the h query heads, the single key head, the single
-    value head and the two SwiGLU inputs.
+    Two bias-free input projections read the normalised x: ``attn_in`` to the h query heads, the
+    single key head and the single value head, ``ff_in`` to SwiGLU's value and gate. (One fused
+    projection would save a kernel launch, but then the keys and values that attention keeps for
+    backward would keep the whole fused output alive.)
     """
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
         super().__init__()
         self.heads = heads
         attn_inner, ff_inner = dim_head * heads, dim * ff_mult
-        self.split_sizes = (attn_inner, dim_head, dim_head, 2 * ff_inner)
+        self.attn_sizes = (attn_inner, dim_head, dim_head)
         self.norm = nn.LayerNorm(dim, bias=False)
-        self.fused_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
+        self.attn_in = nn.Linear(dim, sum(self.attn_sizes), bias=False)
+        self.ff_in = nn.Linear(dim, 2 * ff_inner, bias=False)
         self.attn_out = nn.Linear(attn_inner, dim, bias=False)
         self.ff_out = nn.Linear(ff_inner, dim, bias=False)
 
@@ -129,11 +132,12 @@ class ParallelTransformerBlock(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (b, h, n, k), k and v (b, 1, n, k) with rotary applied, and the feed-forward output (b, n, d)."""
-        q, k, v, ff = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
+        x = self.norm(x)
+        q, k, v = self.attn_in(x).split(self.attn_sizes, dim=-1)  # (b, n, h k), (b, n, k), (b, n, k)
         q = rearrange(q, "b n (h k) -> b h n k", h=self.heads)
-        k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v, "b n k -> b 1 n k")
+        k, v = rearrange(k, "b n k -> b 1 n k"), rearrange(v.contiguous(), "b n k -> b 1 n k")  # v: its own copy
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v, recompute_activation(self.feed_forward, ff)
+        return q, k, v, recompute_activation(self.feed_forward, self.ff_in(x))
 
     def feed_forward(self, ff: Tensor) -> Tensor:
         """SwiGLU's [value | gate] (b, n, 2f) -> (b, n, d)."""

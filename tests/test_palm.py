@@ -15,7 +15,8 @@ def small_palm() -> PaLM:
 def reference_block(block: ParallelTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     """PaLM's parallel block written out: explicit multi-query causal softmax, SwiGLU, rotary."""
     b, n, _ = x.shape
-    q, k, v, ff = block.fused_proj(block.norm(x)).split(block.split_sizes, dim=-1)
+    q, k, v = block.attn_in(block.norm(x)).split(block.attn_sizes, dim=-1)
+    ff = block.ff_in(block.norm(x))
     ff_value, ff_gate = ff.chunk(2, dim=-1)
     q = q.view(b, n, block.heads, -1).transpose(1, 2)  # (b, h, n, k)
     cos, sin = RotaryEmbedding(q.shape[-1])(torch.arange(n))
@@ -57,7 +58,8 @@ def test_float64_palm_computes_in_float64():
 
 def test_multi_query_projection_sizes_and_no_biases():
     block = ParallelTransformerBlock(dim=32, dim_head=8, heads=4, ff_mult=2)
-    assert block.fused_proj.out_features == 4 * 8 + 8 + 8 + 2 * 64  # h query heads, one key head, one value head
+    assert block.attn_in.out_features == 4 * 8 + 8 + 8  # h query heads, one key head, one value head
+    assert block.ff_in.out_features == 2 * 64  # SwiGLU's value and gate
     palm = small_palm()
     for module in palm.modules():
         if isinstance(module, (nn.Linear, nn.LayerNorm)):
