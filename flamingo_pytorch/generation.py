@@ -109,7 +109,8 @@ class GenerationState:
         """
         b, t = media.shape[:2]
         starts = self.items_per_row()  # (b,)
-        total, kept = int(starts.max()) + t, min(self.num_media, int(starts.max()))
+        last = int(starts.max()) if b else 0  # the most items any row has so far
+        total, kept = last + t, min(self.num_media, last)
         rows = torch.arange(b, device=media.device)[:, None]  # (b, 1)
         slots = starts[:, None] + torch.arange(t, device=media.device)  # (b, t)
         mask = self.valid.new_zeros(b, total)  # (b, t_total)

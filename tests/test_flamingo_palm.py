@@ -221,3 +221,34 @@ def test_invalid_constructor_arguments_raise():
         FlamingoPaLM(**{**TINY, "cross_attn_every": 0})
     with pytest.raises(ValueError, match="media_token_id"):
         FlamingoPaLM(**{**TINY, "media_token_id": 64})
+
+
+def test_odd_dim_head_raises_at_construction():
+    with pytest.raises(ValueError, match="dim_head must be even for rotary embeddings, got 7"):
+        FlamingoPaLM(**{**TINY, "dim_head": 7})
+    with pytest.raises(ValueError, match="heads must be a positive integer, got 0"):
+        FlamingoPaLM(**{**TINY, "heads": 0})
+
+
+def test_freezing_never_undoes_a_freeze_the_user_set(tiny_model):
+    """Only a change between text and media training touches requires_grad, and only on the
+    language model's parameters that freezing froze itself."""
+    tiny_model.perceiver_resampler.requires_grad_(False)  # e.g. train only the gated blocks
+    tiny_model.palm.token_emb.requires_grad_(False)  # e.g. keep the (tied) embedding fixed
+    user_frozen = {name for name, p in tiny_model.named_parameters() if not p.requires_grad}
+    language_model = {f"palm.{name}" for name, _ in tiny_model.palm.named_parameters()}
+    tiny_model(prompt(), images())  # media: the language model freezes
+    assert trainable(tiny_model).isdisjoint(language_model | user_frozen)
+    assert trainable(tiny_model) == {name for name, _ in tiny_model.named_parameters() if name.startswith("gated")}
+    tiny_model(prompt())  # text alone: the language model trains again, less what the user froze
+    assert trainable(tiny_model) == language_model - user_frozen | trainable_gated(tiny_model)
+    assert user_frozen.isdisjoint(trainable(tiny_model))
+    tiny_model(prompt(), images())
+    tiny_model(prompt(), images())  # a second media step changes nothing
+    tiny_model.palm.layers[0].requires_grad_(True)  # the user unfreezes a layer during media training ...
+    tiny_model(prompt(), images())
+    assert all(p.requires_grad for p in tiny_model.palm.layers[0].parameters())  # ... and it stays unfrozen
+
+
+def trainable_gated(model: FlamingoPaLM) -> set[str]:
+    return {name for name, p in model.named_parameters() if name.startswith("gated") and p.requires_grad}

@@ -307,3 +307,52 @@ def test_bad_inputs_raise(model):
         model.extend(state, prompt(2, 2, media_at=(0,)), images(2, 2))
     with pytest.raises(TypeError, match="GenerationState"):
         model.extend(text, text)
+
+
+def test_more_bad_inputs_raise_naming_the_argument(model):
+    text = prompt(2, 4, media_at=(0,))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -10"):
+        model.prefill(text, max_new_tokens=-10)
+    for temperature in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.generate(text, max_new_tokens=2, temperature=temperature)
+    with pytest.raises(ValueError, match="time_offset must be an integer >= 0, got -1"):
+        model.encode_media(text, images(2, 1), time_offset=-1)
+    with pytest.raises(ValueError, match="time_offset must be an integer >= 0, got -2"):
+        model.perceiver_resampler(torch.randn(2, 1, 4, TINY["dim"]), time_offset=-2)
+
+
+def test_an_empty_batch_generates_an_empty_batch(model):
+    for media in ({}, {"images": images(0, 1)}):
+        out = greedy(model, prompt(0, 5, media_at=(0,)), steps=3, **media)
+        assert out.shape == (0, 8)
+        state = model.prefill(prompt(0, 5, media_at=(0,)), **media)
+        assert state.logits.shape == (0, TINY["num_tokens"])
+        assert model.generate_from(state, max_new_tokens=2).shape == (0, 2)
+
+
+def test_decoding_after_an_autocast_prefill_works_and_matches(model):
+    text, pixels = prompt(2, 6, media_at=(0,)), images(2, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.prefill(text, pixels, max_new_tokens=4)
+        expected = model.generate(text, pixels, max_new_tokens=4, temperature=0)
+    assert state.caches[0].keys.dtype == torch.bfloat16
+    reply = model.generate_from(state, max_new_tokens=4, temperature=0)  # float32, reading bf16 caches
+    assert reply.shape == (2, 4)
+    # the first token comes from the bf16 prefill's logits in both
+    assert torch.equal(reply[:, 0], expected[:, 6])
+    model.extend(state, prompt(2, 2))  # and a float32 turn extends the bf16 caches
+    assert torch.isfinite(state.logits).all()
+
+
+def test_a_media_token_for_a_padded_item_cannot_be_followed_by_new_media(model):
+    """Row 1's first turn holds two media tokens, but its second item is padding. A full forward
+    would give the next turn's image to that padded slot's tokens; the conversation refuses."""
+    first = prompt(2, 6, media_at=(0, 3))
+    state = model.prefill(first, images(2, 2), time_mask=torch.tensor([[True, True], [True, False]]))
+    with pytest.raises(ValueError, match=r"row 1 .* media token for a padded item"):
+        model.extend(state, prompt(2, 3, media_at=(0,)), images(2, 1))
+    # without a token for the padded item, row 1's next image is its second item, as alone
+    first[1, 3] = 9
+    state = model.prefill(first, images(2, 2), time_mask=torch.tensor([[True, True], [True, False]]))
+    model.extend(state, prompt(2, 3, media_at=(0,)), images(2, 1))
