@@ -3,7 +3,8 @@
 ``run_maybe_checkpointed`` is the usual whole-layer checkpointing (``checkpoint_activations=True``).
 ``recompute_activation`` is always on in training and costs almost nothing. It wraps an activation
 and the projection after it, ``project(activation(hidden))``: autograd then keeps only ``hidden``
-(which the layer before keeps anyway), and backward recomputes the activation. The recomputation
+(plain autograd keeps ``hidden`` and the activation's output, two (..., f) tensors), and backward
+recomputes the activation. The recomputation
 stops as soon as it has what backward needs, before the projection's matmul runs again.
 Both are plain non-reentrant ``torch.utils.checkpoint``: modules are called as modules (their
 hooks also fire during the recomputation), and second derivatives work.

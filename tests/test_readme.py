@@ -1,4 +1,10 @@
-"""Every Python example in README.md runs as written, in order, in one namespace (as a reader would run them)."""
+"""Every Python example in README.md runs as written, in order, in one namespace (as a reader would run them).
+
+The default suite runs the README's full-size FlamingoPaLM + ViT example (the block after the
+``<!-- full-size example`` comment) with its sizes made small; ``pytest -m slow`` runs it as written.
+"""
+
+from __future__ import annotations
 
 import re
 from pathlib import Path
@@ -7,27 +13,119 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+FULL_SIZE_MARK = "<!-- full-size example"
+SMALL_VOCAB = 256
+
+# (pattern, replacement, how many times it must occur in the full-size block)
+SMALLER_SIZES = [
+    (r"\bimage_size=256\b", "image_size=32", 1),
+    (r"\bpatch_size=32\b", "patch_size=8", 1),
+    (r"\bdim=1024\b", "dim=64", 2),  # the ViT's and FlamingoPaLM's
+    (r"\bdepth=6\b", "depth=1", 1),
+    (r"\bheads=16\b", "heads=2", 1),
+    (r"\bmlp_dim=2048\b", "mlp_dim=128", 1),
+    (r"\bdepth=12\b", "depth=4", 1),
+    (r"\bheads=8\b", "heads=2", 1),
+    (r"\bdim_head=64\b", "dim_head=16", 1),
+    (r"\bperceiver_num_latents=64\b", "perceiver_num_latents=8", 1),
+    (r"\bnum_tokens=20000\b", f"num_tokens={SMALL_VOCAB}", 1),
+    (r"torch\.randint\(4, 20000,", f"torch.randint(4, {SMALL_VOCAB},", 1),
+    (r"torch\.randn\(2, 2, 3, 256, 256\)", "torch.randn(2, 2, 3, 32, 32)", 1),
+]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+def readme_blocks() -> list[tuple[str, bool]]:
+    """Each python block of the README, and whether it is the marked full-size example."""
+    pattern = r"(" + re.escape(FULL_SIZE_MARK) + r"[^\n]*\n)?```python\n(.*?)```"
+    found = re.findall(pattern, README.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return [(code, bool(mark)) for mark, code in found]
+
+
+def made_small(code: str) -> str:
+    for pattern, replacement, count in SMALLER_SIZES:
+        code, done = re.subn(pattern, replacement, code)
+        assert done == count, f"the full-size README example no longer matches {pattern!r} {count} time(s)"
+    return code
+
+
+def run_readme(*, full_size: bool) -> list[dict]:
+    """Run every block in one namespace -> a snapshot of the namespace after each block."""
+    torch.manual_seed(0)
+    namespace: dict = {}
+    snapshots = []
+    for index, (code, is_full_size) in enumerate(readme_blocks()):
+        if is_full_size and not full_size:
+            code = made_small(code)
+        try:
+            exec(compile(code, f"README.md python block {index}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"README python block {index} failed:\n{code}") from error
+        snapshots.append(dict(namespace))
+    return snapshots
+
+
+def full_size_index() -> int:
+    marked = [index for index, (_, is_full_size) in enumerate(readme_blocks()) if is_full_size]
+    assert len(marked) == 1, f"expected one marked full-size block, found {len(marked)}"
+    return marked[0]
+
+
+def check_examples(snapshots: list[dict], *, vocab: int) -> None:
+    """The properties the README states, checked after the block that states them."""
+    blocks = [code for code, _ in readme_blocks()]
+    perceiver = snapshots[next(i for i, code in enumerate(blocks) if "PerceiverResampler(" in code)]
+    assert perceiver["perceived"].shape == (1, 2, 64, 1024)
+    gated = snapshots[next(i for i, code in enumerate(blocks) if "GatedCrossAttentionBlock(" in code)]
+    assert gated["text"].shape == (1, 512, 1024)
+
+    palm = snapshots[full_size_index()]
+    model, text, images = palm["flamingo_palm"], palm["text"], palm["images"]
+    assert palm["palm_logits"].shape == palm["flamingo_logits"].shape == (2, 512, vocab)
+    assert torch.equal(palm["palm_logits"], palm["flamingo_logits"])  # the gates start closed
+    is_media = text == model.media_token_id
+    assert is_media.sum(dim=1).tolist() == [images.shape[1]] * 2  # one media token per image, in every row
+    assert is_media[:, 0].all() and is_media[:, 256].all()
+    assert palm["loss"].ndim == 0 and torch.isfinite(palm["loss"])
+    assert model.flamingo_mode and not any(p.requires_grad for p in model.palm.parameters())  # frozen by images
+
+    generation = snapshots[next(i for i, code in enumerate(blocks) if ".generate_from(" in code)]
+    assert generation["greedy"].shape == (2, 12)
+    assert generation["conversation"].shape == (1, 3 + 5 + 3 + 5)  # two turns, two replies of 5 tokens
 
 
 def test_readme_has_the_seed_examples():
-    code = "\n".join(python_blocks())
+    code = "\n".join(code for code, _ in readme_blocks())
     for needle in ("PerceiverResampler(", "GatedCrossAttentionBlock(", "FlamingoPaLM(", "Extractor(vit"):
         assert needle in code
+    full_size = readme_blocks()[full_size_index()][0]
+    for call in ("flamingo_palm(text)", "flamingo_palm(text, images, time_mask=time_mask)", "Extractor(vit"):
+        assert call in full_size
 
 
-def test_readme_examples_run_and_give_the_stated_shapes():
+def test_readme_examples_run_with_the_full_size_example_made_small():
     pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
-    torch.manual_seed(0)
-    namespace: dict = {}
-    for index, block in enumerate(python_blocks()):
-        try:
-            exec(compile(block, f"README.md python block {index}", "exec"), namespace)
-        except Exception as error:
-            raise AssertionError(f"README python block {index} failed:\n{block}") from error
-    assert namespace["perceived"].shape == (1, 2, 64, 1024)
-    assert namespace["palm_logits"].shape == namespace["flamingo_logits"].shape == (2, 512, 20000)
-    assert torch.equal(namespace["palm_logits"], namespace["flamingo_logits"])  # gates start closed
+    pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
+    snapshots = run_readme(full_size=False)
+    check_examples(snapshots, vocab=SMALL_VOCAB)
+
+    # The media tokens really read the images: with the gates open, changing image 2 changes
+    # the logits from its media token (position 256) on, and nothing before it.
+    palm = snapshots[full_size_index()]
+    model, text, images, time_mask = palm["flamingo_palm"], palm["text"], palm["images"], palm["time_mask"]
+    other_images = images.clone()
+    other_images[:, 1] = torch.randn_like(images[:, 1])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                param.fill_(1.0)
+        logits = model(text, images, time_mask=time_mask)
+        other_logits = model(text, other_images, time_mask=time_mask)
+    torch.testing.assert_close(logits[:, :256], other_logits[:, :256])
+    assert not torch.allclose(logits[:, 256:], other_logits[:, 256:])
+
+
+@pytest.mark.slow
+def test_readme_examples_run_as_written():
+    pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
+    pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
+    check_examples(run_readme(full_size=True), vocab=20000)
