@@ -1,0 +1,244 @@
+"""Flamingo over any decoder-only language model: wrap its layers, freeze it, train the media path.
+
+Shapes:
+    b batch, n text length, t media items, c channels, H x W pixels, p patches per image,
+    m latents per media item, d text width, e media width.
+
+``Flamingo(lm, media_token_id=...)`` wraps every ``cross_attn_every``-th decoder layer of ``lm`` in
+a ``FusionLayer`` (no class surgery: the layer list is found from the model's structure, or passed
+as ``layers``), freezes the language model and the vision encoder, and trains the Perceiver
+Resampler and the gated blocks. A forward or a ``generate`` encodes the media once, hands them to
+the fusion layers through a ``MediaState``, calls the language model as it is (a Hugging Face
+model keeps its own ``generate``: beam search, stopping criteria, streamers, its KV cache), and
+clears the state after, also on error. With the gates closed (as built) the logits are the
+language model's, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_pytorch._validation import check_bool, check_ndim, check_positive, check_shape
+from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, zeros_like_rows
+from flamingo_pytorch.perceiver import PerceiverResampler
+
+# Where decoder-only models keep their layer list (Llama, Qwen, Mistral: model.layers; OPT:
+# model.decoder.layers; GPT-2: transformer.h; MPT: transformer.blocks; GPT-NeoX: gpt_neox.layers).
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.blocks", "gpt_neox.layers")
+
+
+def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal language model, from the usual attribute paths."""
+    for path in LAYER_PATHS:
+        module = lm
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise ValueError(
+        f"cannot find the decoder layers of {type(lm).__name__} (looked for {', '.join(LAYER_PATHS)}): "
+        "pass them as layers=<the nn.ModuleList of decoder layers>"
+    )
+
+
+def tokens_in_cache(lm_kwargs: dict) -> int:
+    """How many tokens the key/value cache passed to a language model call already holds (0: none)."""
+    for name in ("past_key_values", "cache"):  # the keyword transformers uses, before and since 5.x
+        cache = lm_kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    position = lm_kwargs.get("cache_position")
+    return int(position[0]) if position is not None and position.numel() else 0
+
+
+class Flamingo(nn.Module):
+    """A frozen decoder-only language model that reads images through gated cross-attention.
+
+    Args:
+        lm: the language model, called as ``lm(input_ids=..., attention_mask=..., **kwargs)``.
+        media_token_id: the token (e.g. ``<image>``) that marks where a media item appears.
+        vision_encoder: frozen module mapping images (B, c, H, W) to features (B, p, e); optional
+            when ``image_embeds`` are passed instead.
+        media_dim: e, the feature width of the vision encoder (default: the text width).
+        cross_attn_every: a gated block before every this many decoder layers (0, N, 2N, ...).
+        layers: the ``nn.ModuleList`` of decoder layers, if not found by ``find_decoder_layers``.
+        dim_head, heads, ff_mult: sizes of the gated blocks.
+        perceiver_depth, perceiver_num_latents, perceiver_num_time_embeds: the resampler's
+            layers, latents per item and the most media items per sample.
+        only_attend_immediate_media: each token reads only its latest media item.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        media_token_id: int,
+        vision_encoder: nn.Module | None = None,
+        media_dim: int | None = None,
+        cross_attn_every: int = 1,
+        layers: nn.ModuleList | None = None,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        perceiver_depth: int = 6,
+        perceiver_num_latents: int = 64,
+        perceiver_num_time_embeds: int = 32,
+        only_attend_immediate_media: bool = True,
+    ):
+        super().__init__()
+        check_positive(cross_attn_every=cross_attn_every)
+        layers = find_decoder_layers(lm) if layers is None else layers
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"layers must be an nn.ModuleList, got {type(layers).__name__}")
+        dim = lm.get_input_embeddings().embedding_dim
+        media_dim = dim if media_dim is None else media_dim
+        self.media_token_id = media_token_id
+        self.lm, self.vision_encoder = lm, vision_encoder
+        self.perceiver_resampler = PerceiverResampler(
+            dim=media_dim,
+            depth=perceiver_depth,
+            dim_head=dim_head,
+            heads=heads,
+            num_latents=perceiver_num_latents,
+            num_time_embeds=perceiver_num_time_embeds,
+        )
+        chosen = range(0, len(layers), cross_attn_every)
+        self.gated_cross_attn = nn.ModuleList(
+            GatedCrossAttentionBlock(
+                dim=dim,
+                dim_head=dim_head,
+                heads=heads,
+                ff_mult=ff_mult,
+                only_attend_immediate_media=only_attend_immediate_media,
+                media_dim=media_dim,
+            )
+            for _ in chosen
+        )
+        self.state = MediaState()
+        for block, i in zip(self.gated_cross_attn, chosen):
+            layers[i] = FusionLayer(layers[i], block, self.state)
+        lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
+        lm.requires_grad_(False)
+        if vision_encoder is not None:
+            vision_encoder.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> Flamingo:
+        super().train(mode)
+        if self.vision_encoder is not None:
+            self.vision_encoder.eval()  # frozen: its dropout and norm statistics never train
+        return self
+
+    def flamingo_parameters(self) -> Iterator[nn.Parameter]:
+        """What Flamingo trains: the resampler's and the gated blocks' parameters."""
+        yield from self.perceiver_resampler.parameters()
+        yield from self.gated_cross_attn.parameters()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **lm_kwargs,
+    ):
+        """The language model's output (logits, or its loss with ``labels=``) for text that reads the media.
+
+        Args:
+            input_ids: (b, n) token ids; ``media_token_id`` marks each media item's place.
+            images: (b, t, c, H, W), encoded by ``vision_encoder``.
+            image_embeds: (b, t, p, e) precomputed features, instead of ``images``.
+            time_mask: (b, t) bool, True for real media items, False for padding.
+            attention_mask: (b, n), 1/True for real tokens, 0/False for padding.
+            **lm_kwargs: passed to the language model (``labels``, ``past_key_values``, ...).
+        """
+        media = self.encode_media(input_ids, images, image_embeds, time_mask)
+        with self.media(media, time_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **generate_kwargs,
+    ) -> Tensor:
+        """The language model's own ``generate`` with the media read by every step; ``media_token_id``
+        is never generated. Media are encoded, resampled and projected once per gated block; beam
+        search and ``num_return_sequences`` repeat them for their rows."""
+        media = self.encode_media(input_ids, images, image_embeds, time_mask)
+        suppressed = [*(generate_kwargs.pop("suppress_tokens", None) or []), self.media_token_id]
+        with self.media(media, time_mask):
+            return self.lm.generate(
+                input_ids=input_ids, attention_mask=attention_mask, suppress_tokens=suppressed, **generate_kwargs
+            )
+
+    @contextmanager
+    def media(self, media: Tensor | None, time_mask: Tensor | None):
+        """The fusion layers read ``media`` (b, t, m, e) inside; the state is cleared after, also on error."""
+        self.state.clear()
+        self.state.media, self.state.time_mask = media, time_mask
+        try:
+            yield
+        finally:
+            self.state.clear()
+
+    def index_tokens(self, lm: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the language model: each new token's media index, continuing the
+        count of the earlier tokens when the call continues a non-empty key/value cache."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.state.media is None or input_ids is None:
+            return
+        continues = tokens_in_cache(kwargs) > 0
+        counts = self.state.counts if continues and self.state.counts is not None else zeros_like_rows(input_ids)
+        if counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since the count was taken
+            counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
+        index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
+        self.state.index = index
+        self.state.counts = index[:, -1] if index.shape[1] else counts
+
+    def encode_media(
+        self, input_ids: Tensor, images: Tensor | None, image_embeds: Tensor | None, time_mask: Tensor | None
+    ) -> Tensor | None:
+        """Check the media against the text and resample them -> (b, t, m, e), or None without media."""
+        if images is not None and image_embeds is not None:
+            raise ValueError("pass images or image_embeds, not both")
+        given = images if images is not None else image_embeds
+        if given is None:
+            if time_mask is not None:
+                raise ValueError("time_mask was given without images or image_embeds")
+            return None
+        name = "images" if images is not None else "image_embeds"
+        check_ndim(
+            name,
+            given,
+            (5,) if images is not None else (4,),
+            "(b, t, c, H, W)" if images is not None else "(b, t, p, e)",
+        )
+        if given.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{name} has batch {given.shape[0]} but input_ids has batch {input_ids.shape[0]}")
+        if time_mask is not None:
+            check_bool("time_mask", time_mask)
+            check_shape("time_mask", time_mask, tuple(given.shape[:2]), "(batch, media items)")
+        features = given if images is None else self.encode_images(images)
+        return self.perceiver_resampler(features)  # (b, t, m, e)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Run the frozen vision encoder on (b, t, c, H, W) -> (b, t, p, e)."""
+        if self.vision_encoder is None:
+            raise ValueError("images need a vision_encoder: pass vision_encoder= to Flamingo, or pass image_embeds")
+        with torch.no_grad():
+            features = self.vision_encoder(images.flatten(0, 1))  # (b t, p, e)
+        if features.ndim != 3:
+            raise ValueError(f"vision_encoder must map (B, c, H, W) to (B, p, e), got shape {tuple(features.shape)}")
+        return features.unflatten(0, images.shape[:2])  # (b, t, p, e)

@@ -1,0 +1,135 @@
+"""Fusing gated cross-attention into someone else's decoder: the per-call media state and the fusion layer.
+
+Shapes:
+    b batch, n new tokens, j tokens so far, t media items, m latents per item, h heads, k head width,
+    d text width.
+
+A ``FusionLayer`` holds one of the language model's own decoder layers and calls it unchanged,
+after its ``GatedCrossAttentionBlock`` has let the hidden states read the media (the paper puts
+the cross-attention before the frozen layer). The media reach it through a ``MediaState`` that
+the Flamingo wrapper fills for the duration of one call (or one ``generate``) and clears after,
+also on error, so the language model's forward signature never changes.
+
+The wrapped model's ``state_dict`` keys are the language model's own (``model.layers.3.mlp...``,
+not ``model.layers.3.layer.mlp...``), and its checkpoints load before or after wrapping: the layer's
+state-dict hooks drop and restore the ``layer.`` prefix. The gated blocks are not children of the
+fusion layer (the Flamingo wrapper owns them), so the language model's ``state_dict`` holds
+exactly what it held before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+
+
+@dataclass
+class MediaState:
+    """What the fusion layers read during one call: the media and each new token's media index.
+
+    Attributes:
+        media: (b, t, m, e) resampled media, or None outside a Flamingo call (the layers then pass through).
+        time_mask: (b, t) bool, False for padded items, or None.
+        index: (b, n) long, the media index of each token of the current forward (set per call).
+        counts: (b,) long, media tokens seen before the current forward (for cached decoding).
+        projected: per gated block, its keys and values of the media (b, h, t, m, k), made once.
+    """
+
+    media: Tensor | None = None
+    time_mask: Tensor | None = None
+    index: Tensor | None = None
+    counts: Tensor | None = None
+    projected: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.media = self.time_mask = self.index = self.counts = None
+        self.projected = {}
+
+    def keys_values(self, block: GatedCrossAttentionBlock, rows: int) -> tuple[Tensor, Tensor]:
+        """The block's media keys and values, projected on first use and repeated to ``rows`` rows
+        (generation with beams or several sequences per prompt runs b * r rows)."""
+        key = id(block)
+        if key not in self.projected or self.projected[key][0].shape[0] != rows:
+            media, time_mask = self.media, self.time_mask
+            if rows != media.shape[0]:
+                if rows % media.shape[0]:
+                    raise ValueError(f"the text has {rows} rows, not a multiple of the media's {media.shape[0]}")
+                repeats = rows // media.shape[0]
+                media = media.repeat_interleave(repeats, dim=0)  # (b r, t, m, e)
+                self.time_mask = time_mask.repeat_interleave(repeats, dim=0) if time_mask is not None else None
+                self.media = media
+            self.projected[key] = block.attn.project_media(media)  # (b, h, t, m, k) each
+        return self.projected[key]
+
+
+class FusionLayer(nn.Module):
+    """A decoder layer of any language model, preceded by a gated cross-attention block.
+
+    Calls ``block`` on the hidden states (the layer's first argument, or its ``hidden_states``
+    keyword) when ``state`` holds media, then the original ``layer`` with everything it was given.
+    Attribute lookups the wrapper does not answer go to the layer (models read e.g. a layer's
+    ``attention_type``).
+
+    Args:
+        layer: the language model's decoder layer, kept as the child ``layer``.
+        block: the gated block it reads the media through (owned by the Flamingo wrapper).
+        state: the media state shared by all fusion layers of one model.
+    """
+
+    def __init__(self, layer: nn.Module, block: GatedCrossAttentionBlock, state: MediaState):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "block", block)  # not a child: the LM's state_dict stays its own
+        object.__setattr__(self, "state", state)
+        self.register_state_dict_post_hook(drop_layer_prefix)
+        self.register_load_state_dict_pre_hook(add_layer_prefix)
+
+    def forward(self, *args, **kwargs):
+        state = self.state
+        if state.media is not None:
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = self.read_media(kwargs["hidden_states"])
+            else:
+                args = (self.read_media(args[0]), *args[1:])
+        return self.layer(*args, **kwargs)
+
+    def read_media(self, x: Tensor) -> Tensor:
+        """x (b, n, d) -> x with the gated block's cross-attention and feed-forward added."""
+        state = self.state
+        k, v = state.keys_values(self.block, x.shape[0])
+        return self.block.forward_projected(x, k, v, state.index, state.time_mask)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
+def drop_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post hook: ``{prefix}layer.x`` -> ``{prefix}x``, the wrapped layer's own keys."""
+    for key in [key for key in state_dict if key.startswith(prefix + "layer.")]:
+        state_dict[prefix + key[len(prefix + "layer.") :]] = state_dict.pop(key)
+
+
+def add_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre hook: the language model's keys ``{prefix}x`` -> ``{prefix}layer.x``."""
+    for key in [key for key in state_dict if key.startswith(prefix) and not key.startswith(prefix + "layer.")]:
+        state_dict[prefix + "layer." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def media_index(input_ids: Tensor, media_token_id: int, attention_mask: Tensor | None, counts: Tensor) -> Tensor:
+    """Each new token's media index (b, n): the media tokens before the call (``counts`` (b,)) plus
+    those among the new tokens up to and including it (padding never counts)."""
+    is_media = input_ids == media_token_id
+    if attention_mask is not None:
+        is_media = is_media & attention_mask[:, -input_ids.shape[1] :].bool()
+    return counts[:, None] + is_media.long().cumsum(dim=-1)
+
+
+def zeros_like_rows(input_ids: Tensor) -> Tensor:
+    return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)

@@ -1,0 +1,212 @@
+"""Flamingo over Hugging Face language models: wrapping, freezing, exactness, and generation that reads the images."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import open_gates
+from torch import nn
+
+from flamingo_pytorch import Flamingo
+
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
+
+MEDIA, VOCAB, WIDTH = 3, 64, 32
+
+
+def llama():
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+
+
+FAMILIES = {
+    "llama": llama,
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ),
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=3, n_head=4, n_positions=64)
+    ),
+    "opt": lambda: transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            num_hidden_layers=3,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=WIDTH,
+            max_position_embeddings=64,
+        )
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64
+        )
+    ),
+    "mpt": lambda: transformers.MptForCausalLM(
+        transformers.MptConfig(vocab_size=VOCAB, d_model=WIDTH, n_layers=3, n_heads=4, max_seq_len=64)
+    ),
+}
+
+
+def build(family: str = "llama", **kwargs) -> tuple[Flamingo, nn.Module]:
+    """(Flamingo over a tiny random LM, an unwrapped copy of that LM)."""
+    torch.manual_seed(0)
+    lm = FAMILIES[family]().eval()
+    original = copy.deepcopy(lm)
+    sizes = dict(dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4, perceiver_num_time_embeds=4)
+    model = Flamingo(lm, media_token_id=MEDIA, cross_attn_every=2, **{**sizes, **kwargs}).eval()
+    return model, original
+
+
+def prompt(b: int, n: int, media_at=(1,)) -> torch.Tensor:
+    text = torch.randint(4, VOCAB, (b, n))
+    text[:, list(media_at)] = MEDIA
+    return text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_closed_gates_give_the_language_model_exactly(family):
+    model, original = build(family)
+    text, features = prompt(2, 9, media_at=(0, 4)), torch.randn(2, 2, 5, WIDTH)
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=features).logits, original(input_ids=text).logits)
+    assert len(model.gated_cross_attn) == 2  # before layers 0 and 2 of 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_keys_are_the_language_models_own_and_load_after_wrapping(family):
+    model, original = build(family)
+    assert list(model.lm.state_dict()) == list(original.state_dict())
+    fresh = FAMILIES[family]()
+    model.lm.load_state_dict(fresh.state_dict())  # strict: every key of the plain LM loads into the wrapped one
+    for (name, got), want in zip(model.lm.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_reads_the_images_and_equals_full_forwards(family):
+    """Cached greedy tokens == uncached == argmax of repeated full forwards, with two images per row,
+    a padded one, and tokens before the first image."""
+    model, _ = build(family)
+    open_gates(model, 0.8)
+    text, features = prompt(2, 7, media_at=(2, 5)), torch.randn(2, 2, 5, WIDTH)
+    time_mask = torch.tensor([[True, True], [True, False]])
+    media = dict(image_embeds=features, time_mask=time_mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    cached = model.generate(text, **media)
+    uncached = model.generate(text, **media, use_cache=False)
+    expected = text
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(expected, image_embeds=features, time_mask=time_mask).logits[:, -1]
+            logits[:, MEDIA] = float("-inf")
+            expected = torch.cat((expected, logits.argmax(dim=-1, keepdim=True)), dim=1)
+    assert torch.equal(cached, expected) and torch.equal(uncached, expected)
+    text_only = model.generate(text, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert text_only.shape == cached.shape
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_left_padded_batch_rows_equal_rows_alone(family):
+    model, _ = build(family)
+    open_gates(model, 0.8)
+    short, long = prompt(1, 4, media_at=(1,)), prompt(1, 7, media_at=(0, 4))
+    features = torch.randn(2, 2, 5, WIDTH)
+    batch = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), dim=1), long))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    time_mask = torch.tensor([[True, False], [True, True]])
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, image_embeds=features, time_mask=time_mask, attention_mask=mask, **settings)
+    alone_short = model.generate(short, image_embeds=features[:1, :1], **settings)
+    alone_long = model.generate(long, image_embeds=features[1:], **settings)
+    assert torch.equal(together[0, 7:], alone_short[0, 4:])
+    assert torch.equal(together[1, 7:], alone_long[0, 7:])
+
+
+def test_beam_search_and_several_sequences_expand_the_media_and_never_emit_the_media_token():
+    model, _ = build()
+    open_gates(model, 0.8)
+    text, features = prompt(2, 6, media_at=(1, 3)), torch.randn(2, 2, 5, WIDTH)
+    with torch.no_grad():
+        bias = torch.zeros(VOCAB)
+        bias[MEDIA] = 100.0  # the LM would pick the media token every time
+        model.lm.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    settings = dict(max_new_tokens=4, pad_token_id=0, num_beams=3, num_return_sequences=2, repetition_penalty=1.2)
+    out = model.generate(text, image_embeds=features, do_sample=False, **settings)
+    assert out.shape == (4, 10) and not (out[:, 6:] == MEDIA).any()
+    rows_alone = [model.generate(text[i : i + 1], image_embeds=features[i : i + 1], **settings) for i in range(2)]
+    assert torch.equal(out, torch.cat(rows_alone))
+
+
+def test_freezing_and_what_trains():
+    encoder = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(3, WIDTH, 4, stride=4), nn.Flatten(2))
+    torch.manual_seed(0)
+    model = Flamingo(
+        llama(),
+        media_token_id=MEDIA,
+        vision_encoder=nn.Sequential(encoder, Transpose()),
+        dim_head=8,
+        heads=2,
+        perceiver_depth=1,
+        perceiver_num_latents=4,
+    )
+    model.train()
+    assert not model.vision_encoder.training
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.flamingo_parameters()}
+    text, images = prompt(2, 6), torch.randn(2, 1, 3, 8, 8)
+    out = model(text, images, labels=text)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is not None for p in model.gated_cross_attn.parameters())
+    assert model.state.media is None  # cleared after the call
+
+
+def test_media_are_cleared_after_an_error():
+    model, _ = build()
+    with pytest.raises(Exception):  # noqa: B017 - any error from inside the language model
+        model(prompt(2, 5), image_embeds=torch.randn(2, 1, 5, WIDTH), position_ids="not a tensor")
+    assert model.state.media is None and model.state.index is None
+
+
+def test_bad_inputs_raise():
+    model, _ = build()
+    with pytest.raises(ValueError, match="image_embeds has batch 3 but input_ids has batch 2"):
+        model(prompt(2, 5), image_embeds=torch.randn(3, 1, 5, WIDTH))
+    with pytest.raises(ValueError, match="images need a vision_encoder"):
+        model(prompt(2, 5), torch.randn(2, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
+        Flamingo(nn.Linear(2, 2), media_token_id=MEDIA)
+
+
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)  # (B, e, p) -> (B, p, e)
