@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="flamingo-pytorch",
     version="0.2.0",
-    description="Flamingo (Alayrac et al., 2022) in PyTorch: Perceiver Resampler, gated cross-attention, FlamingoPaLM",
+    description="Flamingo (Alayrac et al., 2022) in PyTorch: Perceiver Resampler, gated cross-attention, FlamingoPaLM, Flamingo over any decoder-only LM",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -15,6 +15,9 @@ setup(
     install_requires=["torch>=2.1", "einops>=0.7", "einops-exts"],
     extras_require={
         "vit": ["vit-pytorch"],
+        "hf": ["transformers>=5.24"],
+        "clip": ["open_clip_torch>=3"],
+        "timm": ["timm>=1"],
         "examples": ["tqdm", "matplotlib", "safetensors"],
         "test": ["pytest", "ruff"],
     },

@@ -26,6 +26,7 @@ from flamingo_pytorch._validation import check_bool, check_ndim, check_positive,
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, zeros_like_rows
 from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.vision import VisionEncoder
 
 # Where decoder-only models keep their layer list (Llama, Qwen, Mistral: model.layers; OPT:
 # model.decoder.layers; GPT-2: transformer.h; MPT: transformer.blocks; GPT-NeoX: gpt_neox.layers).
@@ -62,8 +63,9 @@ class Flamingo(nn.Module):
     Args:
         lm: the language model, called as ``lm(input_ids=..., attention_mask=..., **kwargs)``.
         media_token_id: the token (e.g. ``<image>``) that marks where a media item appears.
-        vision_encoder: frozen module mapping images (B, c, H, W) to features (B, p, e); optional
-            when ``image_embeds`` are passed instead.
+        vision_encoder: the image encoder, frozen: an open_clip, transformers or timm vision model,
+            or any module mapping images (B, c, H, W) to features (B, p, e) (see ``VisionEncoder``);
+            optional when ``image_embeds`` are passed instead.
         media_dim: e, the feature width of the vision encoder (default: the text width).
         cross_attn_every: a gated block before every this many decoder layers (0, N, 2N, ...).
         layers: the ``nn.ModuleList`` of decoder layers, if not found by ``find_decoder_layers``.
@@ -98,7 +100,8 @@ class Flamingo(nn.Module):
         dim = lm.get_input_embeddings().embedding_dim
         media_dim = dim if media_dim is None else media_dim
         self.media_token_id = media_token_id
-        self.lm, self.vision_encoder = lm, vision_encoder
+        self.lm = lm
+        self.vision_encoder = VisionEncoder(vision_encoder) if vision_encoder is not None else None
         self.perceiver_resampler = PerceiverResampler(
             dim=media_dim,
             depth=perceiver_depth,
@@ -124,8 +127,8 @@ class Flamingo(nn.Module):
             layers[i] = FusionLayer(layers[i], block, self.state)
         lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
         lm.requires_grad_(False)
-        if vision_encoder is not None:
-            vision_encoder.requires_grad_(False).eval()
+        if self.vision_encoder is not None:
+            self.vision_encoder.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> Flamingo:
         super().train(mode)
@@ -239,6 +242,4 @@ class Flamingo(nn.Module):
             raise ValueError("images need a vision_encoder: pass vision_encoder= to Flamingo, or pass image_embeds")
         with torch.no_grad():
             features = self.vision_encoder(images.flatten(0, 1))  # (b t, p, e)
-        if features.ndim != 3:
-            raise ValueError(f"vision_encoder must map (B, c, H, W) to (B, p, e), got shape {tuple(features.shape)}")
         return features.unflatten(0, images.shape[:2])  # (b, t, p, e)

@@ -1,0 +1,64 @@
+"""Vision encoders as Flamingo reads them: images (B, c, H, W) -> patch features (B, p, e).
+
+One small adapter, ``VisionEncoder``, for the encoders people have, told apart by what they can do
+(no table of model names):
+
+    open_clip     a CLIP model or its ``visual`` tower; ``output_tokens`` is switched on and the
+                  patch tokens are returned (what OpenFlamingo feeds its resampler)
+    transformers  ``CLIPVisionModel``, ``SiglipVisionModel`` (or a ``CLIPModel``'s ``vision_model``):
+                  ``last_hidden_state``
+    timm          ``forward_features``
+    vit-pytorch   ``Extractor(vit, return_embeddings_only=True)``, or any module that returns
+                  (B, p, e) features
+
+The encoder is frozen and kept in eval mode by ``Flamingo``; nothing here imports the libraries.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class VisionEncoder(nn.Module):
+    """Wraps an image encoder so that it returns patch features (B, p, e).
+
+    Args:
+        encoder: an open_clip CLIP model or visual tower, a transformers vision model, a timm
+            model with ``forward_features``, or any module returning (B, p, e), (B, e) or a tuple
+            holding the (B, p, e) tokens.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        for tower in ("vision_model", "visual"):  # a full CLIP / SigLIP model: its image tower
+            if isinstance(getattr(encoder, tower, None), nn.Module):
+                encoder = getattr(encoder, tower)
+        if hasattr(encoder, "output_tokens"):  # open_clip's VisionTransformer: return (pooled, tokens)
+            encoder.output_tokens = True
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, c, H, W) -> features (B, p, e)."""
+        encoder = self.encoder
+        if hasattr(encoder, "forward_features"):  # timm
+            out = encoder.forward_features(images)
+        elif hasattr(encoder, "main_input_name"):  # transformers
+            out = encoder(**{encoder.main_input_name: images})
+        else:
+            out = encoder(images)
+        return patch_features(out)
+
+
+def patch_features(out) -> Tensor:
+    """An encoder's output -> (B, p, e): ``last_hidden_state``, the 3-d tensor of a tuple, or (B, e) as one patch."""
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    if isinstance(out, (tuple, list)):
+        tokens = [part for part in out if isinstance(part, Tensor) and part.ndim == 3]
+        if len(tokens) != 1:
+            shapes = [tuple(part.shape) for part in out if isinstance(part, Tensor)]
+            raise ValueError(f"expected one (B, p, e) tensor in the encoder's output, got shapes {shapes}")
+        out = tokens[0]
+    if not isinstance(out, Tensor) or out.ndim not in (2, 3):
+        raise ValueError(f"the vision encoder must return (B, p, e) or (B, e) features, got {type(out).__name__}")
+    return out[:, None] if out.ndim == 2 else out  # (B, e) -> (B, 1, e)
