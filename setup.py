@@ -5,14 +5,14 @@ from setuptools import find_packages, setup
 setup(
     name="flamingo-pytorch",
     version="0.2.0",
-    description="Flamingo (Alayrac et al., 2022) in PyTorch: Perceiver Resampler, gated cross-attention, FlamingoPaLM, Flamingo over any decoder-only LM",
+    description="Flamingo (Alayrac et al., 2022) in PyTorch: FlamingoPaLM, and Flamingo over any decoder-only LM",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     url="https://github.com/lucidrains/flamingo-pytorch",
     packages=find_packages(include=["flamingo_pytorch", "flamingo_pytorch.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "einops>=0.7", "einops-exts"],
+    install_requires=["torch>=2.5", "einops>=0.7", "einops-exts"],
     extras_require={
         "vit": ["vit-pytorch"],
         "hf": ["transformers>=5.24"],
