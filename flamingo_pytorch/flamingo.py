@@ -16,7 +16,7 @@ language model's, exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +26,7 @@ from flamingo_pytorch._validation import check_bool, check_ndim, check_positive,
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, zeros_like_rows
 from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
 
 # Where decoder-only models keep their layer list (Llama, Qwen, Mistral: model.layers; OPT:
@@ -57,6 +58,9 @@ def tokens_in_cache(lm_kwargs: dict) -> int:
     return int(position[0]) if position is not None and position.numel() else 0
 
 
+TRAINED = ("perceiver_resampler.", "gated_cross_attn.", "token_rows.")  # state-dict prefixes of what trains
+
+
 class Flamingo(nn.Module):
     """A frozen decoder-only language model that reads images through gated cross-attention.
 
@@ -73,6 +77,8 @@ class Flamingo(nn.Module):
         perceiver_depth, perceiver_num_latents, perceiver_num_time_embeds: the resampler's
             layers, latents per item and the most media items per sample.
         only_attend_immediate_media: each token reads only its latest media item.
+        train_token_ids: token ids (e.g. ``<image>`` and ``<|endofchunk|>``, see ``add_flamingo_tokens``)
+            whose input-embedding rows train; the rest of the embedding stays frozen.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Flamingo(nn.Module):
         perceiver_num_latents: int = 64,
         perceiver_num_time_embeds: int = 32,
         only_attend_immediate_media: bool = True,
+        train_token_ids: Sequence[int] = (),
     ):
         super().__init__()
         check_positive(cross_attn_every=cross_attn_every)
@@ -126,6 +133,9 @@ class Flamingo(nn.Module):
         for block, i in zip(self.gated_cross_attn, chosen):
             layers[i] = FusionLayer(layers[i], block, self.state)
         lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
+        self.token_rows = TrainedTokenRows(lm.get_input_embeddings(), train_token_ids)
+        if train_token_ids:
+            lm.get_input_embeddings().register_forward_hook(self.token_rows.replace_rows)
         lm.requires_grad_(False)
         if self.vision_encoder is not None:
             self.vision_encoder.requires_grad_(False).eval()
@@ -137,9 +147,34 @@ class Flamingo(nn.Module):
         return self
 
     def flamingo_parameters(self) -> Iterator[nn.Parameter]:
-        """What Flamingo trains: the resampler's and the gated blocks' parameters."""
+        """What Flamingo trains: the resampler's and the gated blocks' parameters, and the added tokens' rows."""
         yield from self.perceiver_resampler.parameters()
         yield from self.gated_cross_attn.parameters()
+        yield from self.token_rows.parameters()
+
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        """The part of the state dict that Flamingo trains (what ``save_trained`` writes)."""
+        return {key: value for key, value in self.state_dict().items() if key.startswith(TRAINED)}
+
+    def save_trained(self, path: str) -> None:
+        """Write only what Flamingo trains to a safetensors file (the language model and encoder are not in it)."""
+        from safetensors.torch import save_file
+
+        save_file({key: value.contiguous() for key, value in self.trained_state_dict().items()}, path)
+
+    def load_trained(self, path: str) -> None:
+        """Load ``save_trained``'s file onto this model (a fresh LM and encoder wrapped the same way).
+
+        Raises ValueError listing missing, unexpected or mis-shaped keys.
+        """
+        from safetensors.torch import load_file
+
+        loaded, expected = load_file(path), self.trained_state_dict()
+        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
+        misshaped = [k for k in loaded.keys() & expected.keys() if loaded[k].shape != expected[k].shape]
+        if missing or unexpected or misshaped:
+            raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}, mis-shaped {misshaped}")
+        self.load_state_dict(loaded, strict=False)
 
     def forward(
         self,

@@ -81,8 +81,10 @@ def build(family: str = "llama", **kwargs) -> tuple[Flamingo, nn.Module]:
     torch.manual_seed(0)
     lm = FAMILIES[family]().eval()
     original = copy.deepcopy(lm)
-    sizes = dict(dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4, perceiver_num_time_embeds=4)
-    model = Flamingo(lm, media_token_id=MEDIA, cross_attn_every=2, **{**sizes, **kwargs}).eval()
+    sizes = dict(
+        cross_attn_every=2, dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4, perceiver_num_time_embeds=4
+    )
+    model = Flamingo(lm, media_token_id=MEDIA, **{**sizes, **kwargs}).eval()
     return model, original
 
 
@@ -210,3 +212,48 @@ def test_bad_inputs_raise():
 class Transpose(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2)  # (B, e, p) -> (B, p, e)
+
+
+def test_added_token_rows_train_alone_and_start_as_the_embedding():
+    model, original = build(train_token_ids=[MEDIA, 5])
+    text = prompt(2, 6, media_at=(1,))
+    text[:, 3] = 5
+    features = torch.randn(2, 1, 5, WIDTH)
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=features).logits, original(input_ids=text).logits)
+    assert model.token_rows.weight in set(model.flamingo_parameters())
+    model(text, image_embeds=features, labels=text).loss.backward()
+    assert model.token_rows.weight.grad.abs().sum(dim=1).gt(0).all()  # both rows get gradients
+    assert model.lm.get_input_embeddings().weight.grad is None  # the embedding itself stays frozen
+
+
+def test_save_and_load_only_what_trains(tmp_path):
+    model, _ = build(train_token_ids=[MEDIA])
+    open_gates(model, 0.5)
+    with torch.no_grad():
+        for param in model.flamingo_parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path / "flamingo.safetensors"
+    model.save_trained(str(path))
+    saved = set(model.trained_state_dict())
+    assert saved and all(key.startswith(("perceiver_resampler.", "gated_cross_attn.", "token_rows.")) for key in saved)
+    torch.manual_seed(0)
+    fresh_lm = FAMILIES["llama"]()  # the same random LM again (seed 0), standing in for from_pretrained
+    fresh = Flamingo(
+        fresh_lm,
+        media_token_id=MEDIA,
+        cross_attn_every=2,
+        train_token_ids=[MEDIA],
+        dim_head=8,
+        heads=2,
+        perceiver_depth=1,
+        perceiver_num_latents=4,
+        perceiver_num_time_embeds=4,
+    ).eval()
+    fresh.load_trained(str(path))
+    text, features = prompt(2, 6, media_at=(1, 4)), torch.randn(2, 2, 5, WIDTH)
+    with torch.no_grad():
+        assert torch.equal(fresh(text, image_embeds=features).logits, model(text, image_embeds=features).logits)
+    other, _ = build(cross_attn_every=1)
+    with pytest.raises(ValueError, match=r"missing keys .*gated_cross_attn.2"):
+        other.load_trained(str(path))
