@@ -105,6 +105,7 @@ def test_readme_has_the_seed_examples():
 def test_readme_examples_run_with_the_full_size_example_made_small():
     pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
     pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
+    pytest.importorskip("transformers", reason="the Flamingo example uses transformers (pip install -e '.[hf]')")
     snapshots = run_readme(full_size=False)
     check_examples(snapshots, vocab=SMALL_VOCAB)
 
@@ -128,4 +129,5 @@ def test_readme_examples_run_with_the_full_size_example_made_small():
 def test_readme_examples_run_as_written():
     pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
     pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
+    pytest.importorskip("transformers", reason="the Flamingo example uses transformers (pip install -e '.[hf]')")
     check_examples(run_readme(full_size=True), vocab=20000)
