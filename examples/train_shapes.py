@@ -3,6 +3,7 @@
     python examples/train_shapes.py                                 # 1 to 2 minutes on 2 CPU cores
     torchrun --nproc_per_node=2 examples/train_shapes.py            # the same, DistributedDataParallel
     python examples/train_shapes.py --eval-only --checkpoint out/flamingo_shapes.safetensors
+    python examples/train_shapes.py --lm llama                      # a transformers Llama as the language model
 
 The paper's recipe in miniature (see shapes_dataset.py for the task):
   1b. pretrain the image encoder to name each image's attributes, then freeze it;
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's modules s
 from shapes_dataset import ANSWER_OFFSET, Batch, make_batch, make_labelled_images, make_tokenizer
 from shapes_encoder import AttributeClassifier, ShapesEncoder, attribute_loss
 from shapes_eval import answer_slots, evaluate, format_table
+from shapes_hf import ShapesFlamingo, build_llama
 from shapes_plots import save_figure
 from word_tokenizer import WordTokenizer
 
@@ -81,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the checkpoint, figure and results")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument(
+        "--lm",
+        choices=("palm", "llama"),
+        default="palm",
+        help="the language model: the package's PaLM, or a transformers Llama",
+    )
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint written by this script")
     args = parser.parse_args(argv)
@@ -185,8 +193,14 @@ def train(args: argparse.Namespace, runtime: Runtime) -> tuple[FlamingoPaLM, dic
     data = torch.Generator().manual_seed(1000 * args.seed + runtime.rank)  # different data on every rank
     encoder = ShapesEncoder(dim=config["dim"]).to(runtime.device)
     losses = {"encoder": pretrain_encoder(encoder, args.steps, data, runtime)}
-    model = build_model(config, encoder).to(runtime.device)  # freezes the encoder
-    losses["lm"] = pretrain_language_model(model, max(1, args.steps // 2), tokenizer, data, runtime)
+    if args.lm == "llama":
+        config["lm"] = "llama"
+        llama = build_llama(config).to(runtime.device)
+        losses["lm"] = pretrain_llama(llama, max(1, args.steps // 2), tokenizer, data, runtime)
+        model = ShapesFlamingo(llama, encoder, config).to(runtime.device)  # freezes the Llama and the encoder
+    else:
+        model = build_model(config, encoder).to(runtime.device)  # freezes the encoder
+        losses["lm"] = pretrain_language_model(model, max(1, args.steps // 2), tokenizer, data, runtime)
     losses["flamingo"] = train_flamingo(model, args.steps, tokenizer, data, runtime)
     return model, config, losses
 
@@ -220,6 +234,22 @@ def pretrain_language_model(
         model.palm,
         list(model.palm.parameters()),
         lambda palm, text: next_token_loss(palm(text), text),
+        lambda: (make_batch(BATCH_SIZE, NUM_IMAGES, tokenizer, data).text,),
+        steps,
+        3e-3,
+        runtime,
+    )
+
+
+def pretrain_llama(
+    llama: nn.Module, steps: int, tokenizer: WordTokenizer, data: torch.Generator, runtime: Runtime
+) -> list[float]:
+    """Stage 1 with ``--lm llama``: the plain Llama on the question/answer text alone."""
+    return train_stage(
+        "1  language model (Llama)",
+        llama,
+        list(llama.parameters()),
+        lambda lm, text: next_token_loss(lm(input_ids=text).logits, text),
         lambda: (make_batch(BATCH_SIZE, NUM_IMAGES, tokenizer, data).text,),
         steps,
         3e-3,
@@ -277,7 +307,10 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[FlamingoPaLM, dic
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
     config = json.loads(metadata["config"])
-    model = build_model(config, ShapesEncoder(dim=config["dim"]))
+    if config.get("lm") == "llama":
+        model = ShapesFlamingo(build_llama(config), ShapesEncoder(dim=config["dim"]), config)
+    else:
+        model = build_model(config, ShapesEncoder(dim=config["dim"]))
     load_model(model, str(path), device=str(device))
     return model.to(device), config, json.loads(metadata["losses"])
 

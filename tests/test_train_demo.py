@@ -146,3 +146,15 @@ def test_demo_runs_with_bf16_autocast(tmp_path, small_eval, tiny_model):
         assert tiny_model(torch.randint(0, 64, (1, 6))).dtype == torch.bfloat16
     results = train_shapes.main(["--steps", "4", "--amp", "--out", str(tmp_path)])
     assert 0.0 <= results["images"]["all"] <= 1.0
+
+
+def test_demo_with_a_transformers_llama_trains_saves_and_reloads(tmp_path, small_eval):
+    pytest.importorskip("transformers", reason="--lm llama needs transformers (pip install -e '.[hf]')")
+    results = train_shapes.main(["--steps", "12", "--lm", "llama", "--out", str(tmp_path / "run")])
+    assert set(results) == {"images", "rolled", "blank", "text", "chance"}
+    checkpoint = tmp_path / "run" / train_shapes.CHECKPOINT
+    reloaded = train_shapes.main(["--eval-only", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval")])
+    assert reloaded == results  # the same weights give the same greedy answers, exactly
+    model, config, _ = train_shapes.load_checkpoint(checkpoint, torch.device("cpu"))
+    assert config["lm"] == "llama" and type(model.lm).__name__ == "LlamaForCausalLM"
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.flamingo_parameters()}
