@@ -3,12 +3,15 @@ per gated block, against re-projecting every image's keys and values at every st
 OpenFlamingo and IDEFICS do).
 
     python benchmarks/hf_generation.py [--layers 4] [--dim 512] [--prompt 512] [--new 32] [--reps 3]
+    python benchmarks/hf_generation.py --openflamingo-python /tmp/venvof/bin/python   # and OpenFlamingo's generate
 
 A random Llama (4 layers, width 512, 8 heads, vocabulary 1000), a gated block before every layer,
 64 latents per image, prompts of 512 tokens holding 1 or 8 images, greedy decoding, batch 1, CPU
 float32. The time per generated token is (time to generate ``--new`` + 1 tokens - time to generate
-1 token) / ``--new``: the prefill cancels out. Medians over ``--reps`` runs of each. Prints a table
-and writes JSON to benchmarks/results/hf_generation.json.
+1 token) / ``--new``: the prefill cancels out. Medians over ``--reps`` runs of each. With
+``--openflamingo-python`` (a Python with OpenFlamingo and transformers 4.33: see
+openflamingo_generation.py) OpenFlamingo's own ``generate`` on a model of the same size runs in a
+separate process after ours. Prints a table and writes JSON to benchmarks/results/hf_generation.json.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("layers", 4), ("dim", 512), ("prompt", 512), ("new", 32), ("reps", 3), ("threads", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--openflamingo-python", default=None, help="a Python with open-flamingo and transformers 4.33")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,17 +88,32 @@ def main() -> None:
         row["speedup"] = row["every_step_s"] / row["once_s"]
         rows.append(row)
         print(f"{images} images: {row}", flush=True)
+    if args.openflamingo_python:
+        add_openflamingo(rows, args)
     print("\nms per generated token (greedy, batch 1); media keys/values projected once vs at every step")
-    print("images  once ms  every step ms  x faster")
+    print("images  once ms  every step ms  x faster  OpenFlamingo ms  x faster")
     for row in rows:
-        print(
-            f"{row['images']:6d}  {1e3 * row['once_s']:7.2f}  {1e3 * row['every_step_s']:13.2f}  {row['speedup']:8.2f}"
-        )
+        once, every = 1e3 * row["once_s"], 1e3 * row["every_step_s"]
+        line = f"{row['images']:6d}  {once:7.2f}  {every:13.2f}  {row['speedup']:8.2f}"
+        if "openflamingo_s" in row:
+            line += f"  {1e3 * row['openflamingo_s']:15.2f}  {row['openflamingo_s'] / row['once_s']:8.2f}"
+        print(line)
     out = Path(__file__).resolve().parent / "results" / "hf_generation.json"
     out.parent.mkdir(exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     out.write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def add_openflamingo(rows: list[dict], args: argparse.Namespace) -> None:
+    """Run openflamingo_generation.py in OpenFlamingo's own Python and add its times to ``rows``."""
+    script = Path(__file__).resolve().parent / "openflamingo_generation.py"
+    sizes = [f"--{name}={getattr(args, name)}" for name in ("layers", "dim", "prompt", "new", "reps")]
+    done = subprocess.run([args.openflamingo_python, str(script), *sizes], capture_output=True, text=True, check=True)
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    for row, their in zip(rows, theirs["rows"]):
+        row["openflamingo_s"] = their["openflamingo_s"]
+        row["openflamingo_torch"] = theirs["torch"]
 
 
 def reproject_every_step(state: MediaState, block, rows: int):

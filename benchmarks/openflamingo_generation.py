@@ -1,0 +1,92 @@
+"""OpenFlamingo's own ``generate`` on the model of ``hf_generation.py``: time per generated token.
+
+Runs in OpenFlamingo's environment, not ours (its ``generate`` needs transformers 4.33):
+
+    python -m venv /tmp/venvof
+    /tmp/venvof/bin/pip install torch==2.4.1 transformers==4.33.3 "numpy<2" einops einops-exts open_clip_torch==2.23.0
+    /tmp/venvof/bin/pip install --no-deps open-flamingo==2.0.1
+    python benchmarks/hf_generation.py --openflamingo-python /tmp/venvof/bin/python
+
+``hf_generation.py`` starts this script as a separate process and reads its JSON from stdout. The
+model: a random Llama of the same size, a gated block before every layer (OpenFlamingo's
+``cross_attn_every_n_layers=1``), its Perceiver (depth 6, 64 latents), and a one-layer open_clip
+ViT giving 256 patch tokens of the same width per image; greedy decoding of a 512-token prompt with
+1 or 8 images, batch 1, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import open_clip
+import torch
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from open_flamingo.src.utils import extend_instance
+from transformers import LlamaConfig, LlamaForCausalLM
+
+MEDIA, END_OF_CHUNK = 3, 4
+
+
+def build(args: argparse.Namespace) -> Flamingo:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=args.dim,
+        intermediate_size=4 * args.dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    lm = LlamaForCausalLM(config)
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.layers")
+    vision = open_clip.CLIPVisionCfg(layers=1, width=args.dim, head_width=64, image_size=224, patch_size=14)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=64, heads=1, layers=1)
+    clip = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
+    clip.visual.output_tokens = True  # patch tokens, as OpenFlamingo's factory sets it
+    model = Flamingo(clip, lm, END_OF_CHUNK, MEDIA, vis_dim=args.dim, cross_attn_every_n_layers=1).eval()
+    with torch.no_grad():
+        for layer in lm.gated_cross_attn_layers:
+            layer.attn_gate.fill_(0.5)
+            layer.ff_gate.fill_(0.5)
+    return model
+
+
+def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> float:
+    start = time.perf_counter()
+    model.generate(
+        vision_x=images,
+        lang_x=text,
+        attention_mask=torch.ones_like(text),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        num_beams=1,
+        pad_token_id=0,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("layers", 4), ("dim", 512), ("prompt", 512), ("new", 32), ("reps", 3)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args()
+    model = build(args)
+    rows = []
+    for count in (1, 8):
+        text = torch.randint(5, 1000, (1, args.prompt))
+        text[0, torch.linspace(0, args.prompt // 2, count + 1)[:-1].long()] = MEDIA
+        images = torch.randn(1, count, 1, 3, 224, 224)  # (b, t, frames, c, H, W)
+        seconds(model, text, images, 2)  # warm-up
+        long = statistics.median(seconds(model, text, images, args.new + 1) for _ in range(args.reps))
+        short = statistics.median(seconds(model, text, images, 1) for _ in range(args.reps))
+        rows.append({"images": count, "openflamingo_s": (long - short) / args.new})
+    print(json.dumps({"torch": torch.__version__, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
