@@ -16,41 +16,28 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]
 MEDIA, VOCAB, WIDTH = 3, 64, 32
 
 
-def llama():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
+def llama_like(family: str) -> nn.Module:
+    """A tiny random Llama, Qwen2 or Mistral (grouped-query attention: 4 query heads, 2 key/value heads)."""
+    model_class, config_class = (getattr(transformers, f"{family}{suffix}") for suffix in ("ForCausalLM", "Config"))
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
+    return model_class(config)
+
+
+def llama():
+    return llama_like("Llama")
 
 
 FAMILIES = {
     "llama": llama,
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ),
-    "mistral": lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ),
+    "qwen2": lambda: llama_like("Qwen2"),
+    "mistral": lambda: llama_like("Mistral"),
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=3, n_head=4, n_positions=64)
     ),
