@@ -44,3 +44,16 @@ def check_positive(**values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_count(name: str, value: object) -> None:
+    """An integer >= 0 (a number of tokens, an offset)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def check_time_mask(time_mask: Tensor, shape: tuple[int, int], reference_name: str, reference: Tensor) -> None:
+    """time_mask: a (batch, media items) bool tensor on the device of ``reference``."""
+    check_bool("time_mask", time_mask)
+    check_shape("time_mask", time_mask, shape, "(batch, media items)")
+    check_same_device("time_mask", time_mask, reference_name, reference)

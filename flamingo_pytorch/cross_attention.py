@@ -25,6 +25,7 @@ from flamingo_pytorch._validation import (
     check_positive,
     check_same_device,
     check_shape,
+    check_time_mask,
 )
 from flamingo_pytorch.feed_forward import FeedForward
 from flamingo_pytorch.immediate_media import attend_immediate
@@ -137,9 +138,7 @@ class MaskedCrossAttention(nn.Module):
             check_shape("media_locations", media_locations, (b, n), "(batch, text length)")
             check_same_device("media_locations", media_locations, "x", x)
         if time_mask is not None:
-            check_bool("time_mask", time_mask)
-            check_shape("time_mask", time_mask, (b, media.shape[1]), "(batch, media items)")
-            check_same_device("time_mask", time_mask, "x", x)
+            check_time_mask(time_mask, (b, media.shape[1]), "x", x)
 
     def project_media(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """(b, t, m, e) media -> keys and values, each (b, h, t, m, k). Cacheable across text."""

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_bool, check_ndim, check_positive, check_shape
+from flamingo_pytorch._validation import check_ndim, check_positive, check_time_mask
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
-from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, zeros_like_rows
+from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index
 from flamingo_pytorch.perceiver import PerceiverResampler
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
@@ -238,7 +238,9 @@ class Flamingo(nn.Module):
         if self.state.media is None or input_ids is None:
             return
         continues = tokens_in_cache(kwargs) > 0
-        counts = self.state.counts if continues and self.state.counts is not None else zeros_like_rows(input_ids)
+        counts = (
+            self.state.counts if continues and self.state.counts is not None else input_ids.new_zeros(len(input_ids))
+        )
         if counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since the count was taken
             counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
         index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
@@ -266,8 +268,7 @@ class Flamingo(nn.Module):
         if given.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{name} has batch {given.shape[0]} but input_ids has batch {input_ids.shape[0]}")
         if time_mask is not None:
-            check_bool("time_mask", time_mask)
-            check_shape("time_mask", time_mask, tuple(given.shape[:2]), "(batch, media items)")
+            check_time_mask(time_mask, tuple(given.shape[:2]), "input_ids", input_ids)
         features = given if images is None else self.encode_images(images)
         return self.perceiver_resampler(features)  # (b, t, m, e)
 

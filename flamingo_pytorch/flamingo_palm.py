@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch import generation
-from flamingo_pytorch._validation import check_bool, check_ndim, check_same_device, check_shape, check_tensor
+from flamingo_pytorch._validation import check_count, check_ndim, check_same_device, check_tensor, check_time_mask
 from flamingo_pytorch.checkpointing import run_maybe_checkpointed
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.generation import GenerationState
@@ -213,8 +213,7 @@ class FlamingoPaLM(nn.Module):
             if time_mask is not None:
                 raise ValueError("time_mask was given without images, image_embeds or videos")
             return None
-        if isinstance(time_offset, bool) or not isinstance(time_offset, int) or time_offset < 0:
-            raise ValueError(f"time_offset must be an integer >= 0, got {time_offset!r}")
+        check_count("time_offset", time_offset)
         ((name, media),) = given.items()
         layout = {"images": "(b, t, c, H, W)", "image_embeds": "(b, t, p, e)", "videos": "(b, t, f, c, H, W)"}[name]
         check_ndim(name, media, ({"images": 5, "image_embeds": 4, "videos": 6}[name],), layout)
@@ -229,9 +228,7 @@ class FlamingoPaLM(nn.Module):
                 f"{self.perceiver_resampler.num_time_embeds}"
             )
         if time_mask is not None:
-            check_bool("time_mask", time_mask)
-            check_shape("time_mask", time_mask, (b, t), "(batch, media items)")
-            check_same_device("time_mask", time_mask, "text", text)
+            check_time_mask(time_mask, (b, t), "text", text)
         if name == "videos" and self.perceiver_resampler.frame_embeds is None:
             raise ValueError("videos need a model built with max_video_frames")
         features = media if name == "image_embeds" else self.encode_pixels(name, media)

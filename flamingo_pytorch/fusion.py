@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
+from flamingo_pytorch import cross_attention
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 
 
@@ -128,8 +128,4 @@ def media_index(input_ids: Tensor, media_token_id: int, attention_mask: Tensor |
     is_media = input_ids == media_token_id
     if attention_mask is not None:
         is_media = is_media & attention_mask[:, -input_ids.shape[1] :].bool()
-    return counts[:, None] + is_media.long().cumsum(dim=-1)
-
-
-def zeros_like_rows(input_ids: Tensor) -> Tensor:
-    return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return counts[:, None] + cross_attention.media_index(is_media)

@@ -22,9 +22,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_bool, check_same_device, check_shape
+from flamingo_pytorch._validation import check_bool, check_count, check_same_device, check_shape
 from flamingo_pytorch.palm import KVCache
-from flamingo_pytorch.sampling import SamplingSettings, check_max_new_tokens, sample_next_token
+from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
 # -- state -----------------------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ def prefill(
 ) -> GenerationState:
     """A new state holding the prompt, with room for ``max_new_tokens`` more slots."""
     model.check_text(text)
-    check_max_new_tokens(max_new_tokens)
+    check_count("max_new_tokens", max_new_tokens)
     state = GenerationState(model, batch=text.shape[0], capacity=text.shape[1] + max_new_tokens, device=text.device)
     return extend(model, state, text, media, attention_mask)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_last_dim, check_ndim, check_tensor
+from flamingo_pytorch._validation import check_count, check_last_dim, check_ndim, check_tensor
 from flamingo_pytorch.feed_forward import FeedForward
 
 
@@ -108,8 +108,7 @@ class PerceiverResampler(nn.Module):
         Returns:
             ``(b, t, num_latents, d)``.
         """
-        if isinstance(time_offset, bool) or not isinstance(time_offset, int) or time_offset < 0:
-            raise ValueError(f"time_offset must be an integer >= 0, got {time_offset!r}")
+        check_count("time_offset", time_offset)
         media = self._add_frame_embeds(media)  # (b, t, p', d)
         b, t = media.shape[:2]
         if time_offset + t > self.num_time_embeds:

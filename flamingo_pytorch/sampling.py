@@ -11,10 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-def check_max_new_tokens(max_new_tokens: object) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+from flamingo_pytorch._validation import check_count
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class SamplingSettings:
 
     def check(self, num_tokens: int) -> None:
         """Raise ValueError/TypeError naming the first bad setting."""
-        check_max_new_tokens(self.max_new_tokens)
+        check_count("max_new_tokens", self.max_new_tokens)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
         if not 0 <= self.temperature < float("inf"):
