@@ -72,10 +72,12 @@ class Flamingo(nn.Module):
             optional when ``image_embeds`` are passed instead.
         media_dim: e, the feature width of the vision encoder (default: the text width).
         cross_attn_every: a gated block before every this many decoder layers (0, N, 2N, ...).
+        cross_attn_layers: the indices of the decoder layers that get a gated block, instead of
+            ``cross_attn_every`` (OpenFlamingo's models: N - 1, 2N - 1, ...).
         layers: the ``nn.ModuleList`` of decoder layers, if not found by ``find_decoder_layers``.
         dim_head, heads, ff_mult: sizes of the gated blocks.
         perceiver_depth, perceiver_num_latents, perceiver_num_time_embeds: the resampler's
-            layers, latents per item and the most media items per sample.
+            layers, latents per item and the most media items per sample (None: no time embeddings).
         only_attend_immediate_media: each token reads only its latest media item.
         train_token_ids: token ids (e.g. ``<image>`` and ``<|endofchunk|>``, see ``add_flamingo_tokens``)
             whose input-embedding rows train; the rest of the embedding stays frozen.
@@ -89,13 +91,14 @@ class Flamingo(nn.Module):
         vision_encoder: nn.Module | None = None,
         media_dim: int | None = None,
         cross_attn_every: int = 1,
+        cross_attn_layers: Sequence[int] | None = None,
         layers: nn.ModuleList | None = None,
         dim_head: int = 64,
         heads: int = 8,
         ff_mult: int = 4,
         perceiver_depth: int = 6,
         perceiver_num_latents: int = 64,
-        perceiver_num_time_embeds: int = 32,
+        perceiver_num_time_embeds: int | None = 32,
         only_attend_immediate_media: bool = True,
         train_token_ids: Sequence[int] = (),
     ):
@@ -117,7 +120,10 @@ class Flamingo(nn.Module):
             num_latents=perceiver_num_latents,
             num_time_embeds=perceiver_num_time_embeds,
         )
-        chosen = range(0, len(layers), cross_attn_every)
+        chosen = range(0, len(layers), cross_attn_every) if cross_attn_layers is None else list(cross_attn_layers)
+        if not chosen or sorted(set(chosen)) != list(chosen) or not 0 <= chosen[0] <= chosen[-1] < len(layers):
+            raise ValueError(f"cross_attn_layers must be increasing indices in [0, {len(layers)}), got {chosen}")
+        self.cross_attn_layers = list(chosen)  # the decoder layer each gated block precedes
         self.gated_cross_attn = nn.ModuleList(
             GatedCrossAttentionBlock(
                 dim=dim,

@@ -45,7 +45,7 @@ class FlamingoPaLM(nn.Module):
             ``image_embeds`` are passed instead.
         perceiver_num_latents: latents per media item m.
         perceiver_depth: Perceiver Resampler depth.
-        perceiver_num_time_embeds: the most media items per sample.
+        perceiver_num_time_embeds: the most media items per sample (None: no time embeddings, no limit).
         max_video_frames: the most frames per video; None disables ``videos``.
         only_attend_immediate_media: each token reads only the most recent media item.
         media_dim: image feature width e, when it differs from ``dim``.
@@ -67,7 +67,7 @@ class FlamingoPaLM(nn.Module):
         img_encoder: nn.Module | None = None,
         perceiver_num_latents: int = 64,
         perceiver_depth: int = 2,
-        perceiver_num_time_embeds: int = 4,
+        perceiver_num_time_embeds: int | None = 4,
         max_video_frames: int | None = None,
         only_attend_immediate_media: bool = True,
         media_dim: int | None = None,
@@ -221,12 +221,10 @@ class FlamingoPaLM(nn.Module):
         b, t = media.shape[:2]
         if b != text.shape[0]:
             raise ValueError(f"{name} has batch {b} but text has batch {text.shape[0]}")
-        if time_offset + t > self.perceiver_resampler.num_time_embeds:
+        limit = self.perceiver_resampler.num_time_embeds
+        if limit is not None and time_offset + t > limit:
             earlier = f" after {time_offset} earlier ones" if time_offset else ""
-            raise ValueError(
-                f"{name} has {t} media items per sample{earlier} but perceiver_num_time_embeds="
-                f"{self.perceiver_resampler.num_time_embeds}"
-            )
+            raise ValueError(f"{name} has {t} media items per sample{earlier} but perceiver_num_time_embeds={limit}")
         if time_mask is not None:
             check_time_mask(time_mask, (b, t), "text", text)
         if name == "videos" and self.perceiver_resampler.frame_embeds is None:

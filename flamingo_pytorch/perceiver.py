@@ -55,6 +55,7 @@ class PerceiverResampler(nn.Module):
         heads: number of attention heads.
         num_latents: latents per media item (64 in the paper).
         num_time_embeds: the most media items per sample; each index gets a learned embedding.
+            ``None``: no time embeddings and no limit (OpenFlamingo's released models).
         ff_mult: feed-forward widening factor.
         num_frame_embeds: the most video frames per media item, each with a learned embedding.
             ``None`` (default) accepts images only.
@@ -68,7 +69,7 @@ class PerceiverResampler(nn.Module):
         dim_head: int = 64,
         heads: int = 8,
         num_latents: int = 64,
-        num_time_embeds: int = 4,
+        num_time_embeds: int | None = 4,
         ff_mult: int = 4,
         num_frame_embeds: int | None = None,
     ):
@@ -76,13 +77,17 @@ class PerceiverResampler(nn.Module):
         for name, value in (("dim", dim), ("depth", depth), ("dim_head", dim_head), ("heads", heads)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if num_latents < 1 or num_time_embeds < 1:
-            raise ValueError(f"num_latents and num_time_embeds must be >= 1, got {num_latents}, {num_time_embeds}")
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
+        if num_time_embeds is not None and num_time_embeds < 1:
+            raise ValueError(f"num_time_embeds must be None or >= 1, got {num_time_embeds}")
         if num_frame_embeds is not None and num_frame_embeds < 1:
             raise ValueError(f"num_frame_embeds must be None or >= 1, got {num_frame_embeds}")
         self.dim = dim
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
-        self.time_embeds = nn.Parameter(torch.randn(num_time_embeds, 1, dim))
+        self.time_embeds = None
+        if num_time_embeds is not None:
+            self.time_embeds = nn.Parameter(torch.randn(num_time_embeds, 1, dim))
         self.frame_embeds = None
         if num_frame_embeds is not None:
             self.frame_embeds = nn.Parameter(torch.randn(num_frame_embeds, 1, dim))
@@ -93,8 +98,8 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     @property
-    def num_time_embeds(self) -> int:
-        return self.time_embeds.shape[0]
+    def num_time_embeds(self) -> int | None:
+        return None if self.time_embeds is None else self.time_embeds.shape[0]
 
     def forward(self, media: Tensor, *, time_offset: int = 0) -> Tensor:
         """Resample media features.
@@ -111,12 +116,13 @@ class PerceiverResampler(nn.Module):
         check_count("time_offset", time_offset)
         media = self._add_frame_embeds(media)  # (b, t, p', d)
         b, t = media.shape[:2]
-        if time_offset + t > self.num_time_embeds:
-            raise ValueError(
-                f"media has {time_offset + t} items per sample but the resampler has "
-                f"num_time_embeds={self.num_time_embeds}; raise num_time_embeds to pass more"
-            )
-        media = media + self.time_embeds[time_offset : time_offset + t]
+        if self.time_embeds is not None:
+            if time_offset + t > self.num_time_embeds:
+                raise ValueError(
+                    f"media has {time_offset + t} items per sample but the resampler has "
+                    f"num_time_embeds={self.num_time_embeds}; raise num_time_embeds to pass more"
+                )
+            media = media + self.time_embeds[time_offset : time_offset + t]
         media = rearrange(media, "b t p d -> (b t) p d")
         latents = repeat(self.latents, "m d -> B m d", B=b * t)
         for attn, ff in self.layers:

@@ -194,6 +194,9 @@ def test_bad_inputs_raise():
         model(prompt(2, 5), torch.randn(2, 1, 3, 8, 8))
     with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
         Flamingo(nn.Linear(2, 2), media_token_id=MEDIA)
+    for chosen in ([], [2, 1], [1, 1], [0, 3]):
+        with pytest.raises(ValueError, match=r"cross_attn_layers must be increasing indices in \[0, 3\)"):
+            build(cross_attn_layers=chosen)
 
 
 class Transpose(nn.Module):

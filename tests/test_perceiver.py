@@ -46,6 +46,15 @@ def test_time_embedding_distinguishes_item_positions():
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 
+def test_without_time_embeddings_items_differ_only_by_content():
+    """num_time_embeds=None (OpenFlamingo's released resamplers): any number of items, each resampled alone."""
+    resampler = PerceiverResampler(dim=16, depth=1, dim_head=8, heads=2, num_latents=3, num_time_embeds=None)
+    item = torch.randn(1, 1, 5, 16)
+    out = resampler(item.expand(1, 40, 5, 16))
+    assert resampler.time_embeds is None and out.shape == (1, 40, 3, 16)
+    assert_close(out, resampler(item).expand(1, 40, 3, 16))
+
+
 def test_too_many_items_raise():
     with pytest.raises(ValueError, match="num_time_embeds=4"):
         small_resampler()(torch.randn(1, 5, 5, 16))

@@ -1,0 +1,211 @@
+"""OpenFlamingo checkpoints on our Flamingo: the same logits as OpenFlamingo's own model on the same weights.
+
+OpenFlamingo's ``Flamingo`` is built here, as its factory builds it but without downloads: a tiny
+random MPT, GPT-NeoX or Llama from ``transformers`` with its ``FlamingoLMMixin`` and a small random
+open_clip ViT. Its ``state_dict`` (whole, or filtered as its trainer saves the released checkpoints)
+is loaded with ``load_openflamingo`` onto our ``Flamingo`` over an untouched copy of the same LM
+and encoder, and both run the same interleaved batch: several images per row, ``<|endofchunk|>``,
+left padding. Skipped where ``open-flamingo`` (``pip install --no-deps open-flamingo==2.0.1``) is
+absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from test_flamingo import FAMILIES
+
+from flamingo_pytorch.openflamingo import add_openflamingo_tokens, load_openflamingo
+
+open_clip = pytest.importorskip("open_clip", reason="pip install -e '.[clip]'")
+pytest.importorskip("open_flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
+from open_flamingo.src.flamingo import Flamingo as TheirFlamingo  # noqa: E402
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
+from open_flamingo.src.utils import extend_instance  # noqa: E402
+
+MEDIA, END_OF_CHUNK, PAD, VOCAB = 3, 4, 0, 64
+LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}
+VISION_WIDTH, IMAGE = 48, 32
+
+
+def tiny_clip():
+    vision = open_clip.CLIPVisionCfg(layers=1, width=VISION_WIDTH, head_width=16, image_size=IMAGE, patch_size=8)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=16, heads=2, layers=1)
+    return open_clip.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text).eval()
+
+
+def build_theirs(family: str, every: int):
+    """(OpenFlamingo's model, as trained: open gates and new token rows; a plain copy of its LM; of its CLIP)."""
+    torch.manual_seed(0)
+    lm, clip = FAMILIES[family]().eval(), tiny_clip()
+    plain_lm, plain_clip = copy.deepcopy(lm), copy.deepcopy(clip)
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(LAYERS[family])
+    clip.visual.output_tokens = True  # as their factory sets it
+    theirs = TheirFlamingo(clip, lm, END_OF_CHUNK, MEDIA, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=every)
+    with torch.no_grad():
+        for block in lm.gated_cross_attn_layers:
+            if block is not None:
+                block.attn_gate.uniform_(0.3, 1.0)
+                block.ff_gate.uniform_(0.3, 1.0)
+        lm.get_input_embeddings().weight[[MEDIA, END_OF_CHUNK]] = torch.randn(2, lm.config.hidden_size)
+    return theirs.eval(), plain_lm, plain_clip
+
+
+def released(theirs, family: str) -> dict[str, torch.Tensor]:
+    """The state dict as OpenFlamingo's trainer saves a release: what trains (the resampler, the
+    gated blocks once, the input embeddings) and every tensor named like an embedding."""
+    embedding = f"lang_encoder.{next(n for n, p in theirs.lang_encoder.named_parameters() if p.shape[0] == VOCAB)}"
+    return {
+        key: value
+        for key, value in theirs.state_dict().items()
+        if key.startswith("perceiver.")
+        or ".gated_cross_attn_layer." in key
+        or key == embedding
+        or ("embed" in key and not key.startswith("lang_encoder.old_decoder_blocks."))
+    }
+
+
+def batch():
+    torch.manual_seed(1)
+    words = lambda n: torch.randint(5, VOCAB, (n,)).tolist()  # noqa: E731
+    row0 = [MEDIA, *words(3), END_OF_CHUNK, MEDIA, *words(2), END_OF_CHUNK, MEDIA, *words(2)]
+    row1 = [PAD, PAD, PAD, MEDIA, *words(2), END_OF_CHUNK, MEDIA, *words(4)]  # 2 of its 3 images used
+    text = torch.tensor([row0, row1])
+    return text, (text != PAD).long(), torch.randn(2, 3, 3, IMAGE, IMAGE)  # (b, n), (b, n), (b, t, c, H, W)
+
+
+def their_logits(theirs, text, mask, images):
+    with torch.no_grad():
+        return theirs(vision_x=images[:, :, None], lang_x=text, attention_mask=mask).logits
+
+
+CASES = [("mpt", 1), ("gpt_neox", 2), ("llama", 1), ("llama", 2)]
+
+
+@pytest.mark.parametrize(("family", "every"), CASES)
+def test_same_logits_as_openflamingo_from_its_whole_state_dict(family, every):
+    theirs, lm, clip = build_theirs(family, every)
+    ours = load_openflamingo(theirs.state_dict(), lm, media_token_id=MEDIA, vision_encoder=clip)
+    assert ours.cross_attn_layers == list(range(every - 1, 3, every))
+    text, mask, images = batch()
+    with torch.no_grad():
+        got = ours(text, images, attention_mask=mask).logits
+    want = their_logits(theirs, text, mask, images)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() <= 1e-5
+    assert (want[real] - lm(input_ids=text, attention_mask=mask).logits[real]).abs().max() > 1e-2  # images matter
+
+
+@pytest.mark.parametrize(("family", "every"), CASES[:2])
+def test_a_released_checkpoint_file_loads_with_weights_only(family, every, tmp_path):
+    theirs, lm, clip = build_theirs(family, every)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(released(theirs, family), path)
+    ours = load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
+    text, mask, images = batch()
+    with torch.no_grad():
+        got = ours(text, images, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max() <= 1e-5
+
+
+def test_safetensors_and_refusing_pickled_objects(tmp_path):
+    from safetensors.torch import save_file
+
+    theirs, lm, clip = build_theirs("llama", 2)
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({k: v.contiguous() for k, v in released(theirs, "llama").items()}, str(path))
+    ours = load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
+    assert torch.equal(ours.perceiver_resampler.latents, theirs.perceiver.latents)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"perceiver.latents": torch.zeros(1), "extra": copy.deepcopy}, unsafe)  # a pickled global
+    with pytest.raises(pickle.UnpicklingError):
+        load_openflamingo(unsafe, lm, media_token_id=MEDIA, vision_encoder=clip)
+
+
+def test_unknown_missing_and_misshaped_keys_are_listed():
+    theirs, lm, clip = build_theirs("llama", 1)
+    state = released(theirs, "llama")
+    bad = {**state, "lang_encoder.mystery.weight": torch.zeros(2)}
+    del bad["perceiver.norm.weight"]
+    bad["lang_encoder.model.embed_tokens.weight"] = torch.zeros(VOCAB + 3, lm.config.hidden_size)
+    with pytest.raises(ValueError) as error:
+        load_openflamingo(bad, copy.deepcopy(lm), media_token_id=MEDIA, vision_encoder=clip)
+    message = str(error.value)
+    assert "lm.mystery.weight" in message and "perceiver_resampler.norm.weight" in message
+    assert "lm.model.embed_tokens.weight: checkpoint (67, 32), model (64, 32)" in message
+    assert "add_openflamingo_tokens" in message
+    with pytest.raises(ValueError, match="pass vision_encoder="):
+        load_openflamingo(state, copy.deepcopy(lm), media_token_id=MEDIA)
+    with pytest.raises(ValueError, match="video checkpoints"):
+        load_openflamingo({**state, "perceiver.frame_embs": torch.zeros(2, 48)}, lm, media_token_id=MEDIA)
+
+
+def attention_outputs(blocks) -> list[torch.Tensor]:
+    """Record each gated block's cross-attention output (its ``to_out`` projection, no bias)."""
+    seen = []
+    for block in blocks:
+        block.attn.to_out.register_forward_hook(lambda module, args, out: seen.append(out))
+    return seen
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_where_openflamingo_is_ill_defined_ours_reads_nothing(immediate):
+    """OpenFlamingo gives a uniform average over all images (later ones included) to the tokens from an
+    <image> beyond the images given (each token reads its latest image) or to the tokens before the
+    first image (each token reads all earlier images). Ours gives them exactly zero; elsewhere the two agree."""
+    theirs, lm, clip = build_theirs("llama", 1)
+    ours = load_openflamingo(theirs.state_dict(), lm, media_token_id=MEDIA, vision_encoder=clip)
+    blocks = [b for b in theirs.lang_encoder.gated_cross_attn_layers]
+    for block in [*blocks, *ours.gated_cross_attn]:
+        block.attn.only_attend_immediate_media = immediate
+    torch.manual_seed(2)
+    text = torch.tensor([[7, 8, MEDIA, 9, 10, END_OF_CHUNK, MEDIA, 11, MEDIA, 12, 13]])  # 3 <image>, 2 images
+    images = torch.randn(1, 2, 3, IMAGE, IMAGE)
+    theirs_out, ours_out = attention_outputs(blocks), attention_outputs(ours.gated_cross_attn)
+    with torch.no_grad():
+        want = their_logits(theirs, text, torch.ones_like(text), images)
+        got = ours(text, images).logits
+    undefined = torch.zeros(text.shape[1], dtype=torch.bool)
+    if immediate:
+        undefined[8:] = True  # from the third <image> on: no image of its own
+    else:
+        undefined[:2] = True  # before the first image: no earlier image (later ones read both images)
+    for mine, other in zip(ours_out, theirs_out):
+        assert torch.equal(mine[0, undefined], torch.zeros_like(mine[0, undefined]))
+        assert other[0, undefined].abs().amax(dim=-1).min() > 1e-3
+    assert (ours_out[0][0, ~undefined] - theirs_out[0][0, ~undefined]).abs().max() <= 1e-5  # same input there
+    if immediate:  # the tokens before the third <image> never see the difference
+        assert (got[0, :8] - want[0, :8]).abs().max() <= 1e-5
+
+
+def test_greedy_generation_equals_argmax_of_full_forwards():
+    theirs, lm, clip = build_theirs("gpt_neox", 2)
+    ours = load_openflamingo(theirs.state_dict(), lm, media_token_id=MEDIA, vision_encoder=clip)
+    text, mask, images = batch()
+    out = ours.generate(text, images, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    expected, full_mask = text, mask
+    with torch.no_grad():
+        for _ in range(6):
+            logits = ours(expected, images, attention_mask=full_mask).logits[:, -1]
+            logits[:, MEDIA] = float("-inf")
+            expected = torch.cat((expected, logits.argmax(dim=-1, keepdim=True)), dim=1)
+            full_mask = torch.cat((full_mask, torch.ones_like(full_mask[:, :1])), dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_added_tokens_take_openflamingos_ids():
+    """The same calls as OpenFlamingo's factory give the same ids, so the checkpoint's rows line up."""
+    from test_processor import tokenizer_and_lm
+
+    tokenizer, lm = tokenizer_and_lm()
+    reference, _ = tokenizer_and_lm()
+    image_id, chunk_id = add_openflamingo_tokens(tokenizer, lm)
+    reference.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    reference.add_special_tokens({"pad_token": "<PAD>"})
+    assert (image_id, chunk_id) == (reference.encode("<image>")[-1], reference.encode("<|endofchunk|>")[-1])
+    assert lm.get_input_embeddings().weight.shape[0] == len(reference)
