@@ -1,17 +1,23 @@
 """Cached generation through Flamingo over a transformers Llama: media keys/values projected once
 per gated block, against re-projecting every image's keys and values at every step (what
-OpenFlamingo and IDEFICS do).
+OpenFlamingo and IDEFICS do), and against OpenFlamingo's own ``generate`` on the same weights.
 
     python benchmarks/hf_generation.py [--layers 4] [--dim 512] [--prompt 512] [--new 32] [--reps 3]
     python benchmarks/hf_generation.py --openflamingo-python /tmp/venvof/bin/python   # and OpenFlamingo's generate
 
 A random Llama (4 layers, width 512, 8 heads, vocabulary 1000), a gated block before every layer,
-64 latents per image, prompts of 512 tokens holding 1 or 8 images, greedy decoding, batch 1, CPU
+a 6-layer Perceiver with 64 latents per image, a one-layer open_clip ViT (256 patch tokens per
+224 x 224 image), prompts of 512 tokens holding 1, 4 or 8 images, greedy decoding, batch 1, CPU
 float32. The time per generated token is (time to generate ``--new`` + 1 tokens - time to generate
-1 token) / ``--new``: the prefill cancels out. Medians over ``--reps`` runs of each. With
-``--openflamingo-python`` (a Python with OpenFlamingo and transformers 4.33: see
-openflamingo_generation.py) OpenFlamingo's own ``generate`` on a model of the same size runs in a
-separate process after ours. Prints a table and writes JSON to benchmarks/results/hf_generation.json.
+1 token) / ``--new``: the prefill (and the images' encoding) cancels out. Medians over ``--reps``
+runs of each.
+
+With ``--openflamingo-python`` (a Python with OpenFlamingo and transformers 4.33: see
+openflamingo_generation.py) OpenFlamingo builds the model first, in a separate process, times its
+own ``generate``, and saves its ``state_dict`` and inputs; ours is then ``load_openflamingo`` of
+that checkpoint, timed on the same prompts and images, and its greedy tokens are compared with
+OpenFlamingo's. Without it, ours has the same sizes and random weights. Prints a table and writes
+JSON to benchmarks/results/hf_generation.json.
 """
 
 from __future__ import annotations
@@ -21,19 +27,22 @@ import json
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flamingo_pytorch import Flamingo
 from flamingo_pytorch.fusion import MediaState
+from flamingo_pytorch.openflamingo import load_openflamingo
 
-MEDIA = 3
+MEDIA, END_OF_CHUNK, COUNTS = 3, 4, (1, 4, 8)
 
 
-def build(args: argparse.Namespace) -> Flamingo:
+def language_model(args: argparse.Namespace) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=1000,
@@ -43,7 +52,20 @@ def build(args: argparse.Namespace) -> Flamingo:
         num_attention_heads=8,
         num_key_value_heads=8,
     )
-    model = Flamingo(LlamaForCausalLM(config), media_token_id=MEDIA, cross_attn_every=1, perceiver_depth=2).eval()
+    return LlamaForCausalLM(config)
+
+
+def vision_encoder(args: argparse.Namespace) -> open_clip.CLIP:
+    vision = open_clip.CLIPVisionCfg(layers=1, width=args.dim, head_width=64, image_size=224, patch_size=14)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=64, heads=1, layers=1)
+    return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
+
+
+def build(args: argparse.Namespace, checkpoint: Path | None) -> Flamingo:
+    lm, clip = language_model(args), vision_encoder(args)
+    if checkpoint is not None:
+        return load_openflamingo(checkpoint, lm, media_token_id=MEDIA, vision_encoder=clip).eval()
+    model = Flamingo(lm, media_token_id=MEDIA, vision_encoder=clip, perceiver_num_time_embeds=None).eval()
     with torch.no_grad():
         for block in model.gated_cross_attn:
             block.attn_gate.fill_(0.5)
@@ -51,16 +73,32 @@ def build(args: argparse.Namespace) -> Flamingo:
     return model
 
 
-def seconds(model: Flamingo, text: torch.Tensor, features: torch.Tensor, new: int) -> float:
+def prompts(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Random prompts with 1, 4 or 8 images in their first half, and the images (b, t, c, H, W)."""
+    inputs = {}
+    for count in COUNTS:
+        text = torch.randint(5, 1000, (1, args.prompt))
+        text[0, torch.linspace(0, args.prompt // 2, count + 1)[:-1].long()] = MEDIA
+        inputs[f"text_{count}"], inputs[f"images_{count}"] = text, torch.randn(1, count, 3, 224, 224)
+    return inputs
+
+
+def generate(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> torch.Tensor:
+    # eos = <|endofchunk|> and no early stop, as OpenFlamingo's generate with min_new_tokens
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=END_OF_CHUNK)
+    return model.generate(text, images, attention_mask=torch.ones_like(text), **kwargs)
+
+
+def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> float:
     start = time.perf_counter()
-    model.generate(text, image_embeds=features, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    generate(model, text, images, new)
     return time.perf_counter() - start
 
 
-def per_token(model: Flamingo, text: torch.Tensor, features: torch.Tensor, args: argparse.Namespace) -> float:
-    seconds(model, text, features, 2)  # warm-up
-    long = statistics.median(seconds(model, text, features, args.new + 1) for _ in range(args.reps))
-    short = statistics.median(seconds(model, text, features, 1) for _ in range(args.reps))
+def per_token(model: Flamingo, text: torch.Tensor, images: torch.Tensor, args: argparse.Namespace) -> float:
+    seconds(model, text, images, 2)  # warm-up
+    long = statistics.median(seconds(model, text, images, args.new + 1) for _ in range(args.reps))
+    short = statistics.median(seconds(model, text, images, 1) for _ in range(args.reps))
     return (long - short) / args.new
 
 
@@ -72,31 +110,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args)
-    project_once = MediaState.keys_values
-    rows = []
-    for images in (1, 8):
-        text = torch.randint(4, 1000, (1, args.prompt))
-        text[0, torch.linspace(0, args.prompt // 2, images + 1)[:-1].long()] = MEDIA  # images in the first half
-        features = torch.randn(1, images, 256, args.dim)
-        row = {"images": images, "once_s": per_token(model, text, features, args)}
-        MediaState.keys_values = reproject_every_step
-        try:
-            row["every_step_s"] = per_token(model, text, features, args)
-        finally:
-            MediaState.keys_values = project_once
-        row["speedup"] = row["every_step_s"] / row["once_s"]
-        rows.append(row)
-        print(f"{images} images: {row}", flush=True)
-    if args.openflamingo_python:
-        add_openflamingo(rows, args)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs = run_openflamingo(args, Path(folder)) if args.openflamingo_python else None
+        model = build(args, Path(folder) / "checkpoint.pt" if theirs else None)
+        inputs = torch.load(Path(folder) / "inputs.pt", weights_only=True) if theirs else prompts(args)
+    rows = [measure(model, inputs, count, args, theirs) for count in COUNTS]
     print("\nms per generated token (greedy, batch 1); media keys/values projected once vs at every step")
-    print("images  once ms  every step ms  x faster  OpenFlamingo ms  x faster")
+    print("images  once ms  every step ms  x faster  OpenFlamingo ms  x faster  same tokens")
     for row in rows:
         once, every = 1e3 * row["once_s"], 1e3 * row["every_step_s"]
         line = f"{row['images']:6d}  {once:7.2f}  {every:13.2f}  {row['speedup']:8.2f}"
         if "openflamingo_s" in row:
-            line += f"  {1e3 * row['openflamingo_s']:15.2f}  {row['openflamingo_s'] / row['once_s']:8.2f}"
+            ratio = row["openflamingo_s"] / row["once_s"]
+            line += f"  {1e3 * row['openflamingo_s']:15.2f}  {ratio:8.2f}  {row['same_tokens']:>11}"
         print(line)
     out = Path(__file__).resolve().parent / "results" / "hf_generation.json"
     out.parent.mkdir(exist_ok=True)
@@ -105,15 +131,32 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def add_openflamingo(rows: list[dict], args: argparse.Namespace) -> None:
-    """Run openflamingo_generation.py in OpenFlamingo's own Python and add its times to ``rows``."""
+def measure(model: Flamingo, inputs: dict, count: int, args: argparse.Namespace, theirs: dict | None) -> dict:
+    """One row: ours with media projected once, ours re-projecting at every step, OpenFlamingo's."""
+    text, images = inputs[f"text_{count}"], inputs[f"images_{count}"]
+    row = {"images": count, "once_s": per_token(model, text, images, args)}
+    MediaState.keys_values = reproject_every_step
+    try:
+        row["every_step_s"] = per_token(model, text, images, args)
+    finally:
+        MediaState.keys_values = project_once_original
+    row["speedup"] = row["every_step_s"] / row["once_s"]
+    if theirs is not None:
+        their = next(r for r in theirs["rows"] if r["images"] == count)
+        ours = generate(model, text, images, args.new)[0, text.shape[1] :].tolist()
+        row["same_tokens"] = f"{sum(a == b for a, b in zip(ours, their['tokens']))}/{args.new}"
+        row["openflamingo_s"], row["openflamingo_torch"] = their["openflamingo_s"], theirs["torch"]
+    print(f"{count} images: {row}", flush=True)
+    return row
+
+
+def run_openflamingo(args: argparse.Namespace, folder: Path) -> dict:
+    """Run openflamingo_generation.py in OpenFlamingo's own Python: its times, tokens, weights and inputs."""
     script = Path(__file__).resolve().parent / "openflamingo_generation.py"
     sizes = [f"--{name}={getattr(args, name)}" for name in ("layers", "dim", "prompt", "new", "reps")]
-    done = subprocess.run([args.openflamingo_python, str(script), *sizes], capture_output=True, text=True, check=True)
-    theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    for row, their in zip(rows, theirs["rows"]):
-        row["openflamingo_s"] = their["openflamingo_s"]
-        row["openflamingo_torch"] = theirs["torch"]
+    command = [args.openflamingo_python, str(script), *sizes, f"--save={folder}"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def reproject_every_step(state: MediaState, block, rows: int):

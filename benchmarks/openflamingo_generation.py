@@ -1,4 +1,4 @@
-"""OpenFlamingo's own ``generate`` on the model of ``hf_generation.py``: time per generated token.
+"""OpenFlamingo's own ``generate``: time per generated token, and the weights and tokens ``hf_generation.py`` checks.
 
 Runs in OpenFlamingo's environment, not ours (its ``generate`` needs transformers 4.33):
 
@@ -8,10 +8,13 @@ Runs in OpenFlamingo's environment, not ours (its ``generate`` needs transformer
     python benchmarks/hf_generation.py --openflamingo-python /tmp/venvof/bin/python
 
 ``hf_generation.py`` starts this script as a separate process and reads its JSON from stdout. The
-model: a random Llama of the same size, a gated block before every layer (OpenFlamingo's
-``cross_attn_every_n_layers=1``), its Perceiver (depth 6, 64 latents), and a one-layer open_clip
-ViT giving 256 patch tokens of the same width per image; greedy decoding of a 512-token prompt with
-1 or 8 images, batch 1, float32.
+model: a random Llama (``--layers``, width ``--dim``), a gated block before every layer (OpenFlamingo's
+``cross_attn_every_n_layers=1``) with its gates opened to tanh(0.5), its Perceiver (depth 6, 64
+latents), and a one-layer open_clip ViT giving 256 patch tokens of width ``--dim`` per 224 x 224
+image; greedy decoding of a ``--prompt``-token prompt holding 1, 4 or 8 images, batch 1, float32.
+With ``--save DIR`` it writes the model's whole ``state_dict`` (``DIR/checkpoint.pt``, the file
+``load_openflamingo`` reads) and the prompts and images (``DIR/inputs.pt``), and reports the tokens
+it generated, so that our side runs the same weights on the same inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import open_clip
 import torch
@@ -66,6 +70,7 @@ def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int)
         min_new_tokens=new,
         num_beams=1,
         pad_token_id=0,
+        suppress_tokens=[MEDIA],
     )
     return time.perf_counter() - start
 
@@ -74,18 +79,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("layers", 4), ("dim", 512), ("prompt", 512), ("new", 32), ("reps", 3)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--save", type=Path, default=None, help="write checkpoint.pt and inputs.pt here")
     args = parser.parse_args()
     model = build(args)
-    rows = []
-    for count in (1, 8):
+    rows, inputs = [], {}
+    for count in (1, 4, 8):
         text = torch.randint(5, 1000, (1, args.prompt))
         text[0, torch.linspace(0, args.prompt // 2, count + 1)[:-1].long()] = MEDIA
         images = torch.randn(1, count, 1, 3, 224, 224)  # (b, t, frames, c, H, W)
+        inputs[f"text_{count}"], inputs[f"images_{count}"] = text, images[:, :, 0]
+        tokens = generated(model, text, images, args.new)
         seconds(model, text, images, 2)  # warm-up
         long = statistics.median(seconds(model, text, images, args.new + 1) for _ in range(args.reps))
         short = statistics.median(seconds(model, text, images, 1) for _ in range(args.reps))
-        rows.append({"images": count, "openflamingo_s": (long - short) / args.new})
+        rows.append({"images": count, "openflamingo_s": (long - short) / args.new, "tokens": tokens})
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.save / "checkpoint.pt")
+        torch.save(inputs, args.save / "inputs.pt")
     print(json.dumps({"torch": torch.__version__, "rows": rows}))
+
+
+def generated(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> list[int]:
+    """The new tokens of a greedy ``generate`` that never stops early."""
+    out = model.generate(
+        vision_x=images,
+        lang_x=text,
+        attention_mask=torch.ones_like(text),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        num_beams=1,
+        pad_token_id=0,
+        suppress_tokens=[MEDIA],  # as ours never generates <image>
+    )
+    return out[0, text.shape[1] :].tolist()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pickle
 
 import pytest
 import torch
+from einops import rearrange
 from test_flamingo import FAMILIES
 
 from flamingo_pytorch.openflamingo import add_openflamingo_tokens, load_openflamingo
@@ -55,10 +56,11 @@ def build_theirs(family: str, every: int):
     return theirs.eval(), plain_lm, plain_clip
 
 
-def released(theirs, family: str) -> dict[str, torch.Tensor]:
+def released(theirs) -> dict[str, torch.Tensor]:
     """The state dict as OpenFlamingo's trainer saves a release: what trains (the resampler, the
     gated blocks once, the input embeddings) and every tensor named like an embedding."""
-    embedding = f"lang_encoder.{next(n for n, p in theirs.lang_encoder.named_parameters() if p.shape[0] == VOCAB)}"
+    weight = theirs.lang_encoder.get_input_embeddings().weight
+    embedding = "lang_encoder." + next(n for n, p in theirs.lang_encoder.named_parameters() if p is weight)
     return {
         key: value
         for key, value in theirs.state_dict().items()
@@ -104,7 +106,7 @@ def test_same_logits_as_openflamingo_from_its_whole_state_dict(family, every):
 def test_a_released_checkpoint_file_loads_with_weights_only(family, every, tmp_path):
     theirs, lm, clip = build_theirs(family, every)
     path = tmp_path / "checkpoint.pt"
-    torch.save(released(theirs, family), path)
+    torch.save(released(theirs), path)
     ours = load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
     text, mask, images = batch()
     with torch.no_grad():
@@ -118,7 +120,7 @@ def test_safetensors_and_refusing_pickled_objects(tmp_path):
 
     theirs, lm, clip = build_theirs("llama", 2)
     path = tmp_path / "checkpoint.safetensors"
-    save_file({k: v.contiguous() for k, v in released(theirs, "llama").items()}, str(path))
+    save_file({k: v.contiguous() for k, v in released(theirs).items()}, str(path))
     ours = load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
     assert torch.equal(ours.perceiver_resampler.latents, theirs.perceiver.latents)
     unsafe = tmp_path / "unsafe.pt"
@@ -129,7 +131,7 @@ def test_safetensors_and_refusing_pickled_objects(tmp_path):
 
 def test_unknown_missing_and_misshaped_keys_are_listed():
     theirs, lm, clip = build_theirs("llama", 1)
-    state = released(theirs, "llama")
+    state = released(theirs)
     bad = {**state, "lang_encoder.mystery.weight": torch.zeros(2)}
     del bad["perceiver.norm.weight"]
     bad["lang_encoder.model.embed_tokens.weight"] = torch.zeros(VOCAB + 3, lm.config.hidden_size)
@@ -209,3 +211,84 @@ def test_added_tokens_take_openflamingos_ids():
     reference.add_special_tokens({"pad_token": "<PAD>"})
     assert (image_id, chunk_id) == (reference.encode("<image>")[-1], reference.encode("<|endofchunk|>")[-1])
     assert lm.get_input_embeddings().weight.shape[0] == len(reference)
+
+
+CAPTION_WORDS = ["[UNK]", "Output", ":", "two", "cats", "on", "a", "sofa", ".", "bathroom", "sink"]
+
+
+def stand_in_tokenizer():
+    import tokenizers
+    import transformers
+
+    model = tokenizers.models.WordLevel({word: i for i, word in enumerate(CAPTION_WORDS)}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def stand_in_lm():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MptConfig(vocab_size=len(CAPTION_WORDS), d_model=32, n_layers=3, n_heads=4, max_seq_len=128)
+    return transformers.MptForCausalLM(config).eval()
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL image -> (3, IMAGE, IMAGE) in [0, 1], a stand-in for CLIP's preprocessing."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((IMAGE, IMAGE)), dtype=np.float32))
+    return rearrange(pixels, "H W c -> c H W") / 255
+
+
+def stand_in_clip(name, pretrained):
+    torch.manual_seed(1)
+    return tiny_clip(), None, to_tensor
+
+
+def test_the_readme_block_with_local_stand_ins(tmp_path, monkeypatch):
+    """The README's OpenFlamingo-3B block as written, with tiny local models where it downloads:
+    the checkpoint is OpenFlamingo's own model over the same tiny MPT, built as its factory does."""
+    import huggingface_hub
+    import transformers
+    from PIL import Image
+    from test_readme import marked_block
+
+    theirs = {}
+
+    def download(repo_id, filename):
+        lm, tokenizer, (clip, _, _) = stand_in_lm(), stand_in_tokenizer(), stand_in_clip("ViT-L-14", "openai")
+        extend_instance(lm, FlamingoLMMixin)
+        lm.set_decoder_layers_attr_name("transformer.blocks")
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+        lm.resize_token_embeddings(len(tokenizer))
+        clip.visual.output_tokens = True
+        ids = [tokenizer.encode(token)[-1] for token in ("<|endofchunk|>", "<image>")]
+        model = TheirFlamingo(clip, lm, *ids, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=1).eval()
+        with torch.no_grad():
+            for block in lm.gated_cross_attn_layers:
+                block.attn_gate.fill_(0.7)
+                block.ff_gate.fill_(0.4)
+            lm.get_input_embeddings().weight[-3:] = torch.randn(3, 32)
+        theirs["model"] = model
+        torch.save(released(model), tmp_path / filename)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", stand_in_clip)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: stand_in_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: stand_in_lm())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.chdir(tmp_path)
+    for name, color in (("cats.jpg", "red"), ("sink.jpg", "blue"), ("query.jpg", "green")):
+        Image.new("RGB", (40, 30), color).save(name)
+    namespace = {}
+    exec(compile(marked_block("<!-- stand-ins: tests/test_openflamingo.py"), "README block", "exec"), namespace)
+    inputs, out = namespace["inputs"], namespace["out"]
+    n = inputs["input_ids"].shape[1]
+    assert out.shape[0] == 1 and n < out.shape[1] <= n + 20 and torch.equal(out[:, :n], inputs["input_ids"])
+    with torch.no_grad():
+        ours = namespace["flamingo"](**inputs).logits
+        want = their_logits(theirs["model"], inputs["input_ids"], inputs["attention_mask"], inputs["images"])
+    assert (ours - want).abs().max() <= 1e-5

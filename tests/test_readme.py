@@ -14,6 +14,7 @@ import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FULL_SIZE_MARK = "<!-- full-size example"
+STAND_INS = "<!-- stand-ins:"
 SMALL_VOCAB = 256
 
 # (pattern, replacement, how many times it must occur in the full-size block)
@@ -35,10 +36,22 @@ SMALLER_SIZES = [
 
 
 def readme_blocks() -> list[tuple[str, bool]]:
-    """Each python block of the README, and whether it is the marked full-size example."""
-    pattern = r"(" + re.escape(FULL_SIZE_MARK) + r"[^\n]*\n)?```python\n(.*?)```"
-    found = re.findall(pattern, README.read_text(encoding="utf-8"), flags=re.DOTALL)
-    return [(code, bool(mark)) for mark, code in found]
+    """Each python block of the README that runs here as written, and whether it is the marked
+    full-size example. Blocks marked ``<!-- stand-ins: ... -->`` download models; the test named in
+    the mark runs them with tiny local stand-ins (see ``marked_block``)."""
+    return [(code, mark.startswith(FULL_SIZE_MARK)) for mark, code in all_blocks() if not mark.startswith(STAND_INS)]
+
+
+def all_blocks() -> list[tuple[str, str]]:
+    """(the HTML comment on the line before, or "", the code) of every python block."""
+    pattern = r"(<!--[^\n]*-->\n)?```python\n(.*?)```"
+    return re.findall(pattern, README.read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
+def marked_block(mark: str) -> str:
+    """The one python block whose comment starts with ``mark``."""
+    (code,) = [code for comment, code in all_blocks() if comment.startswith(mark)]
+    return code
 
 
 def made_small(code: str) -> str:
