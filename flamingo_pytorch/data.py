@@ -26,7 +26,10 @@ from flamingo_pytorch.shards import import_webdataset, sample_parts
 
 
 class DocumentStream(IterableDataset):
-    """One rank's batches from the shards: yields (worker id, batch), skipping what ``start`` says was consumed.
+    """One rank's batches from the shards: yields (reader, batch), skipping what ``start`` says was consumed.
+
+    A reader is one worker's share of the rank's shards; in a resumed epoch, worker w plays reader
+    (w + due) % num_workers, so that the round robin goes on where it stopped.
 
     Built by ``DocumentLoader``; see it for the arguments.
     """
@@ -47,7 +50,7 @@ class DocumentStream(IterableDataset):
         self.shards, self.tokenizer, self.image_transform = shards, tokenizer, image_transform
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.start = (0, [0])  # (epoch, batches already handed out per worker), set by the loader
+        self.start = (0, [0], 0)  # (epoch, batches handed out per reader, the reader due next): set by the loader
 
     def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """The shards that ``worker`` of this rank reads in ``epoch``, in reading order."""
@@ -67,8 +70,9 @@ class DocumentStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        epoch, consumed = self.start
+        epoch, consumed, due = self.start
+        # the DataLoader asks its workers round robin from worker 0, so worker 0 plays the reader due next
+        worker, num_workers = (0, 1) if info is None else ((info.id + due) % info.num_workers, info.num_workers)
         skip, rows = consumed[worker] * self.batch_size, []
         for sample in self.samples(epoch, worker, num_workers):
             row = self.tokenizer(sample_parts(sample))
@@ -156,21 +160,24 @@ class DocumentLoader(DataLoader):
         )
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self.readers = max(num_workers, 1)
-        self.epoch, self.consumed = 0, [0] * self.readers
+        self.epoch, self.consumed, self.due = 0, [0] * self.readers, 0
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        self.dataset.start = (self.epoch, list(self.consumed))
-        for worker, batch in super().__iter__():
-            self.consumed[worker] += 1
+        self.dataset.start = (self.epoch, list(self.consumed), self.due)
+        for reader, batch in super().__iter__():
+            self.consumed[reader] += 1
+            self.due = (reader + 1) % self.readers  # the DataLoader's round robin: exhausted readers drop out
             yield batch
-        self.epoch, self.consumed = self.epoch + 1, [0] * self.readers
+        self.epoch, self.consumed, self.due = self.epoch + 1, [0] * self.readers, 0
 
     def state_dict(self) -> dict:
-        """The position: ``epoch``, ``batches`` handed out per worker in it, and what must match to resume."""
+        """The position: ``epoch``, ``batches`` handed out per reader in it, the reader ``due`` next, and what
+        must match to resume."""
         stream = self.dataset
         return {
             "epoch": self.epoch,
             "batches": list(self.consumed),
+            "due": self.due,
             "num_workers": self.num_workers,
             "rank": stream.rank,
             "world_size": stream.world_size,
@@ -187,10 +194,13 @@ class DocumentLoader(DataLoader):
                 raise ValueError(
                     f"the saved position has {name}={state.get(name)!r} but this loader has {mine[name]!r}"
                 )
-        batches = state.get("batches")
-        if not isinstance(batches, list) or len(batches) != self.readers or not isinstance(state.get("epoch"), int):
-            raise ValueError(f"the saved position needs an int epoch and {self.readers} batch counts, got {state!r}")
-        self.epoch, self.consumed = state["epoch"], [int(count) for count in batches]
+        batches, epoch, due = state.get("batches"), state.get("epoch"), state.get("due")
+        valid = isinstance(batches, list) and len(batches) == self.readers and isinstance(epoch, int)
+        if not valid or not (isinstance(due, int) and 0 <= due < self.readers):
+            raise ValueError(
+                f"the saved position needs an int epoch, {self.readers} batch counts and due, got {state!r}"
+            )
+        self.epoch, self.consumed, self.due = epoch, [int(count) for count in batches], due
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
