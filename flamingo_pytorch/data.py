@@ -133,6 +133,7 @@ class DocumentLoader(DataLoader):
         drop_last: bool = False,
         pin_memory: bool = False,
     ):
+        import_webdataset()  # fail here rather than in a worker
         shards = expand_shards(shards)
         rank, world_size = resolve_rank(rank, world_size)
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
@@ -169,6 +170,18 @@ class DocumentLoader(DataLoader):
             self.due = (reader + 1) % self.readers  # the DataLoader's round robin: exhausted readers drop out
             yield batch
         self.epoch, self.consumed, self.due = self.epoch + 1, [0] * self.readers, 0
+
+    def forever(self) -> Iterator[dict[str, Tensor]]:
+        """Batches epoch after epoch, without end: for training by steps (``batches = loader.forever()``,
+        then ``next(batches)`` each step), where ranks must take the same number of steps whatever their
+        epochs hold. The position stays exact; ``state_dict`` saves it as ever."""
+        while True:
+            fresh, count = not any(self.consumed), 0
+            for batch in self:
+                count += 1
+                yield batch
+            if fresh and not count:
+                raise RuntimeError(f"rank {self.dataset.rank} got no batch in a whole epoch: its shards hold no rows")
 
     def state_dict(self) -> dict:
         """The position: ``epoch``, ``batches`` handed out per reader in it, the reader ``due`` next, and what

@@ -17,11 +17,18 @@ wds = pytest.importorskip("webdataset", reason='pip install "flamingo-pytorch[da
 pytest.importorskip("PIL")
 
 from flamingo_pytorch.data import DocumentLoader  # noqa: E402
-from flamingo_pytorch.shards import interleaved_sample, pair_sample, sample_parts, write_shards  # noqa: E402
+from flamingo_pytorch.shards import (  # noqa: E402
+    encode_image,
+    interleaved_sample,
+    pair_sample,
+    sample_parts,
+    write_shards,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from shapes_dataset import make_batch, make_tokenizer  # noqa: E402
+from write_shards import main as write_shards_main  # noqa: E402
 from write_shards import shapes_documents, shapes_pairs  # noqa: E402
 
 KEYS = {"input_ids", "attention_mask", "labels", "images", "time_mask"}
@@ -256,7 +263,7 @@ def test_bad_arguments_raise(numbered_shards, monkeypatch):
         DocumentTokenizer(Words(), max_tokens=8, max_images=2, min_images=3)
     monkeypatch.setitem(sys.modules, "webdataset", None)
     with pytest.raises(ImportError, match=r"flamingo-pytorch\[data\]"):
-        list(numbered_loader(numbered_shards, num_workers=0))
+        numbered_loader(numbered_shards)
 
 
 def test_a_hugging_face_tokenizer_gives_the_processors_rows(tmp_path):
@@ -292,3 +299,37 @@ def test_a_hugging_face_tokenizer_gives_the_processors_rows(tmp_path):
     (batch,) = list(DocumentLoader(shards, tokenizer, batch_size=2, max_tokens=12, max_images=2, shuffle_buffer=0))
     assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all() and (batch["labels"][:, 0] == -100).all()
     torch.testing.assert_close(batch["input_ids"][:, 1 : n + 1], expected["input_ids"])
+
+
+def test_the_tool_stores_your_image_files_as_they_are(tmp_path):
+    files = {}
+    for name, image in (("red.png", numbered_image(1, 0)), ("blue.npy", numbered_image(2, 1))):
+        _, files[name] = encode_image(image, name.split(".")[1])
+        (tmp_path / name).write_bytes(files[name])
+    lines = [{"parts": ["intro", {"image": "red.png"}, "doc 1"]}, {"image": "blue.npy", "caption": "doc 2"}]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    shards = write_shards_main([str(tmp_path / "shards"), "--jsonl", str(tmp_path / "docs.jsonl")])
+    samples = list(wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()))
+    assert [sorted(name for name in sample if not name.startswith("__")) for sample in samples] == [
+        ["0.png", "json"],
+        ["npy", "txt"],
+    ]
+    assert samples[0]["0.png"] == files["red.png"] and samples[1]["npy"] == files["blue.npy"]
+    (batch,) = list(DocumentLoader(shards, Words(), batch_size=2, max_tokens=6, max_images=1, shuffle_buffer=0))
+    assert row_documents([batch]) == [1, 2]
+    torch.testing.assert_close(batch["images"][:, 0], torch.stack([numbered_image(1, 0), numbered_image(2, 1)]))
+
+
+def test_forever_runs_epoch_after_epoch_and_resumes(numbered_shards):
+    expected = [*(loader := numbered_loader(numbered_shards, num_workers=0)), *loader, *loader]
+    steps = numbered_loader(numbered_shards, num_workers=0)
+    head = list(islice(steps.forever(), 11))
+    resumed = numbered_loader(numbered_shards, num_workers=0)
+    resumed.load_state_dict(steps.state_dict())
+    assert steps.state_dict()["epoch"] == 1
+    tail = list(islice(resumed.forever(), 13))
+    assert len(head + tail) == len(expected) == 24
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(head + tail, expected) for name in KEYS)
+    empty = numbered_loader(numbered_shards, num_workers=0, min_images=3, max_tokens=6)  # 6 tokens hold 1 image
+    with pytest.raises(RuntimeError, match="no batch in a whole epoch"):
+        next(empty.forever())
