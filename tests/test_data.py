@@ -300,6 +300,29 @@ def test_a_hugging_face_tokenizer_gives_the_processors_rows(tmp_path):
     assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all() and (batch["labels"][:, 0] == -100).all()
     torch.testing.assert_close(batch["input_ids"][:, 1 : n + 1], expected["input_ids"])
 
+    from einops.layers.torch import Rearrange
+
+    from flamingo_pytorch import Flamingo
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 2, stride=2), Rearrange("B e h w -> B (h w) e"))
+    model = Flamingo(
+        transformers.LlamaForCausalLM(config),
+        media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_encoder=encoder,
+        media_dim=16,
+        heads=2,
+        dim_head=8,
+        perceiver_depth=1,
+        perceiver_num_latents=2,
+        perceiver_num_time_embeds=2,
+    )
+    loss = model(**batch).loss  # the batch's keys are Flamingo's arguments; the language model shifts the labels
+    loss.backward()
+    assert torch.isfinite(loss)
+
 
 def test_the_tool_stores_your_image_files_as_they_are(tmp_path):
     files = {}
