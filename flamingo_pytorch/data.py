@@ -75,13 +75,17 @@ class DocumentStream(IterableDataset):
         worker, num_workers = (0, 1) if info is None else ((info.id + due) % info.num_workers, info.num_workers)
         skip, rows = consumed[worker] * self.batch_size, []
         for sample in self.samples(epoch, worker, num_workers):
-            row = self.tokenizer(sample_parts(sample))
-            if row is None:
-                continue
-            if skip:  # handed out before the resumption: tokenized to count it, never decoded
-                skip -= 1
-                continue
-            rows.append((row[0], decode_images(row[1], self.image_transform)))
+            try:
+                row = self.tokenizer(sample_parts(sample))
+                if row is None:
+                    continue
+                if skip:  # handed out before the resumption: tokenized to count it, never decoded
+                    skip -= 1
+                    continue
+                rows.append((row[0], decode_images(row[1], self.image_transform)))
+            except Exception as error:
+                where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+                raise RuntimeError(f"could not read {where}: {error}") from error
             if len(rows) == self.batch_size:
                 yield worker, self.tokenizer.collate(rows)
                 rows = []

@@ -356,3 +356,12 @@ def test_forever_runs_epoch_after_epoch_and_resumes(numbered_shards):
     empty = numbered_loader(numbered_shards, num_workers=0, min_images=3, max_tokens=6)  # 6 tokens hold 1 image
     with pytest.raises(RuntimeError, match="no batch in a whole epoch"):
         next(empty.forever())
+
+
+def test_a_broken_sample_is_named(tmp_path):
+    good = interleaved_sample("0001", [numbered_image(1, 0), "doc 1"])
+    broken = {**interleaved_sample("0002", [numbered_image(2, 0), "doc 2"]), "0.png": b"not a png"}
+    shards = write_shards([good, broken], tmp_path)
+    loader = DocumentLoader(shards, Words(), batch_size=2, max_tokens=8, max_images=1, shuffle_buffer=0)
+    with pytest.raises(RuntimeError, match=r"shard-000000.tar, sample 0002"):
+        list(loader)
