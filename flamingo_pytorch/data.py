@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import torch.distributed as dist
 from torch import Tensor
@@ -46,10 +47,11 @@ class DocumentStream(IterableDataset):
         rank: int,
         world_size: int,
         drop_last: bool,
+        pack: bool,
     ):
         self.shards, self.tokenizer, self.image_transform = shards, tokenizer, image_transform
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.pack = rank, world_size, drop_last, pack
         self.start = (0, [0], 0)  # (epoch, batches handed out per reader, the reader due next): set by the loader
 
     def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -73,24 +75,35 @@ class DocumentStream(IterableDataset):
         epoch, consumed, due = self.start
         # the DataLoader asks its workers round robin from worker 0, so worker 0 plays the reader due next
         worker, num_workers = (0, 1) if info is None else ((info.id + due) % info.num_workers, info.num_workers)
-        skip, rows = consumed[worker] * self.batch_size, []
-        for sample in self.samples(epoch, worker, num_workers):
-            try:
-                row = self.tokenizer(sample_parts(sample))
-                if row is None:
-                    continue
-                if skip:  # handed out before the resumption: tokenized to count it, never decoded
-                    skip -= 1
-                    continue
-                rows.append((row[0], decode_images(row[1], self.image_transform)))
-            except Exception as error:
-                where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
-                raise RuntimeError(f"could not read {where}: {error}") from error
+        rows = []
+        # the rows handed out before a resumption are tokenized to count them, never decoded
+        for row in islice(self.rows(epoch, worker, num_workers), consumed[worker] * self.batch_size, None):
+            rows.append([(ids, self.decode(images)) for ids, images in row])
             if len(rows) == self.batch_size:
                 yield worker, self.tokenizer.collate(rows)
                 rows = []
         if rows and not self.drop_last:
             yield worker, self.tokenizer.collate(rows)
+
+    def rows(self, epoch: int, worker: int, num_workers: int) -> Iterator[list[tuple[list[int], list]]]:
+        """This worker's rows, images not decoded: each a list of documents (ids, images), one unless packing."""
+        documents = (self.read(sample) for sample in self.samples(epoch, worker, num_workers))
+        documents = (document for document in documents if document is not None)
+        return self.tokenizer.pack(documents) if self.pack else ([document] for document in documents)
+
+    def read(self, sample: dict) -> tuple[list[int], list] | None:
+        """A raw sample -> its token ids and undecoded images, or None when it is skipped."""
+        try:
+            return self.tokenizer(sample_parts(sample))
+        except Exception as error:
+            where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+            raise RuntimeError(f"could not read {where}: {error}") from error
+
+    def decode(self, images: list) -> list[Tensor]:
+        try:
+            return decode_images(images, self.image_transform)
+        except Exception as error:
+            raise RuntimeError(f"could not read an image of {images[0].source}: {error}") from error
 
 
 class DocumentLoader(DataLoader):
@@ -116,6 +129,9 @@ class DocumentLoader(DataLoader):
         shuffle_buffer: samples each worker shuffles among; 0 or 1 reads shards and samples in order.
         rank, world_size: this process's share of the shards; from ``torch.distributed`` when None.
         drop_last: drop each worker's last, partial batch of an epoch.
+        pack: fill each row with as many consecutive documents as fit (see ``DocumentTokenizer.pack``),
+            rather than one document a row. Packed documents see the earlier ones of their row in
+            self-attention; each has its own loss masking.
         pin_memory: as for ``DataLoader``.
     """
 
@@ -135,6 +151,7 @@ class DocumentLoader(DataLoader):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        pack: bool = False,
         pin_memory: bool = False,
     ):
         import_webdataset()  # fail here rather than in a worker
@@ -162,6 +179,7 @@ class DocumentLoader(DataLoader):
             rank=rank,
             world_size=world_size,
             drop_last=drop_last,
+            pack=pack,
         )
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self.readers = max(num_workers, 1)
@@ -201,12 +219,13 @@ class DocumentLoader(DataLoader):
             "seed": stream.seed,
             "batch_size": stream.batch_size,
             "num_shards": len(stream.shards),
+            "pack": stream.pack,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position saved by ``state_dict`` (of a loader built with the same arguments)."""
         mine = self.state_dict()
-        for name in ("num_workers", "rank", "world_size", "seed", "batch_size", "num_shards"):
+        for name in ("num_workers", "rank", "world_size", "seed", "batch_size", "num_shards", "pack"):
             if state.get(name) != mine[name]:
                 raise ValueError(
                     f"the saved position has {name}={state.get(name)!r} but this loader has {mine[name]!r}"

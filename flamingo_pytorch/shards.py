@@ -157,6 +157,7 @@ def sample_parts(sample: dict) -> list:
     """A sample read from a shard (``{"__key__": ..., "json": bytes, ...}``) -> its parts: strings and
     images, in document order."""
     key = sample.get("__key__", "?")
+    source = f"shard {sample.get('__url__', '?')}, sample {key}"
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if isinstance(meta, dict) and "parts" in meta:
         parts = []
@@ -164,7 +165,7 @@ def sample_parts(sample: dict) -> list:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict) and isinstance(part.get("image"), str) and part["image"] in sample:
-                parts.append(ImageFile(part["image"], sample[part["image"]]))
+                parts.append(ImageFile(part["image"], sample[part["image"]], source))
             else:
                 raise ValueError(f"sample {key}: a part must be a string or {{'image': NAME}} of a file, got {part!r}")
         return parts
@@ -172,15 +173,16 @@ def sample_parts(sample: dict) -> list:
         names = [name for name in IMAGE_EXTENSIONS if name in sample]
         if len(names) != 1:
             raise ValueError(f"sample {key}: an image-text pair needs exactly one image file, found {names}")
-        return [ImageFile(names[0], sample[names[0]]), sample["txt"].decode()]
+        return [ImageFile(names[0], sample[names[0]], source), sample["txt"].decode()]
     raise ValueError(f"sample {key}: neither a document (.json with 'parts') nor a pair (.txt + image)")
 
 
 class ImageFile:
-    """An image not decoded yet: its file name in the sample and its bytes; ``decode()`` reads it."""
+    """An image not decoded yet: its file name in the sample, its bytes, and which shard and sample hold it
+    (for error messages); ``decode()`` reads it."""
 
-    def __init__(self, name: str, data: bytes):
-        self.name, self.data = name, data
+    def __init__(self, name: str, data: bytes, source: str = ""):
+        self.name, self.data, self.source = name, data, source
 
     def decode(self):
         return decode_image(self.data, self.name.rsplit(".", 1)[-1])

@@ -365,3 +365,45 @@ def test_a_broken_sample_is_named(tmp_path):
     loader = DocumentLoader(shards, Words(), batch_size=2, max_tokens=8, max_images=1, shuffle_buffer=0)
     with pytest.raises(RuntimeError, match=r"shard-000000.tar, sample 0002"):
         list(loader)
+
+
+def test_packed_rows_are_consecutive_documents_each_with_its_own_loss_masking(numbered_shards):
+    words = Words()
+    loader = numbered_loader(numbered_shards, pack=True, max_tokens=16, max_images=3, num_workers=0, shuffle_buffer=0)
+    batches = list(loader)
+    ids, labels = torch.cat([b["input_ids"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    images, time_mask = torch.cat([b["images"] for b in batches]), torch.cat([b["time_mask"] for b in batches])
+    is_image = ids == words.image_id
+    assert torch.equal(is_image.sum(1), time_mask.sum(1))
+    rows = []  # each row's documents, read from its text: a document starts at its BOS
+    for row in range(len(ids)):
+        tokens = ids[row][ids[row] != words.pad_id].tolist()
+        starts = [i for i, token in enumerate(tokens) if token == words.bos_id] + [len(tokens)]
+        documents = [tokens[a:b] for a, b in zip(starts, starts[1:])]
+        expected_labels = []
+        for document in documents:
+            first_image = document.index(words.image_id)
+            expected_labels += [-100 if i < first_image or t == words.image_id else t for i, t in enumerate(document)]
+        expected_labels += [-100] * (ids.shape[1] - len(tokens))
+        assert labels[row].tolist() == expected_labels
+        numbers = [next(t for t in document if t >= words.ids["0"]) - words.ids["0"] for document in documents]
+        pictures = [numbered_image(n, item) for n in numbers for item in range(n % 4)]
+        torch.testing.assert_close(images[row, : len(pictures)], torch.stack(pictures), rtol=0, atol=0.5 / 255)
+        rows.append([(n, len(document)) for n, document in zip(numbers, documents)])
+    assert [n for row in rows for n, _ in row] == [doc for doc in range(NUM_DOCS) if doc % 4]  # in order, once
+    for row, following in zip(rows, rows[1:]):  # greedy: the next row's first document did not fit
+        n, length = following[0]
+        tokens, pictures = sum(size for _, size in row), sum(m % 4 for m, _ in row)
+        assert tokens + length > 16 or pictures + n % 4 > 3
+    assert len(rows) < 36  # documents did share rows
+
+
+def test_packed_loader_resumes_exactly(numbered_shards):
+    expected = list(numbered_loader(numbered_shards, pack=True, max_tokens=16))
+    interrupted = numbered_loader(numbered_shards, pack=True, max_tokens=16)
+    head = list(islice(iter(interrupted), 3))
+    resumed = numbered_loader(numbered_shards, pack=True, max_tokens=16)
+    resumed.load_state_dict(interrupted.state_dict())
+    rest = list(resumed)
+    assert len(head + rest) == len(expected) > 4
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(head + rest, expected) for name in KEYS)
