@@ -2,12 +2,13 @@
 
 Each epoch, the shards are shuffled (seeded by ``seed`` and the epoch), dealt to ranks
 (``shards[rank::world_size]``) and then to the loader's workers (``[worker::num_workers]``); each
-worker reads its shards in order through a seeded shuffle buffer, turns samples into rows
-(``documents.DocumentTokenizer``) and makes whole batches, which the loader hands out round robin.
-So a seed fixes every batch, every sample is read once per epoch by exactly one rank and worker, and
-the loader's position is a few integers: the epoch and how many batches of each worker were handed
-out. ``state_dict`` returns it; a new loader built with the same arguments and given it by
-``load_state_dict`` yields exactly the batches the first one would have yielded next.
+worker reads its shards in order through a seeded shuffle buffer, turns samples into rows of one
+document, or of several with packing (``documents.DocumentTokenizer``), and makes whole batches,
+which the loader hands out round robin. So a seed fixes every batch, every sample is read once per
+epoch by exactly one rank and worker, and the loader's position is a few integers: the epoch and how
+many batches of each worker were handed out. ``state_dict`` returns it; a new loader built with the
+same arguments and given it by ``load_state_dict`` yields exactly the batches the first one would
+have yielded next.
 
 Shapes: b batch_size, n max_tokens, t max_images, c channels, H x W pixels.
 """
@@ -168,10 +169,10 @@ class DocumentLoader(DataLoader):
                 f"{len(shards)} shards cannot feed world_size={world_size} x {max(num_workers, 1)} workers: "
                 f"write at least {readers} shards"
             )
-        words = DocumentTokenizer(tokenizer, max_tokens=max_tokens, max_images=max_images, min_images=min_images)
+        documents = DocumentTokenizer(tokenizer, max_tokens=max_tokens, max_images=max_images, min_images=min_images)
         stream = DocumentStream(
             shards,
-            words,
+            documents,
             to_tensor if image_transform is None else image_transform,
             batch_size=batch_size,
             seed=seed,
