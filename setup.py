@@ -19,6 +19,7 @@ setup(
         "clip": ["open_clip_torch>=3"],
         "timm": ["timm>=1"],
         "examples": ["tqdm", "matplotlib", "safetensors"],
+        "data": ["webdataset", "Pillow", "numpy"],
         "test": ["pytest", "ruff"],
     },
     keywords=["artificial intelligence", "deep learning", "visual language model", "few-shot", "flamingo"],
