@@ -80,30 +80,68 @@ class FlamingoProcessor:
         return texts, pictures
 
     def pad_text(self, ids: list[list[int]], *, left: bool) -> dict[str, Tensor]:
-        length = max((len(tokens) for tokens in ids), default=0)
-        input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(ids), length, dtype=torch.long)
-        for row, tokens in enumerate(ids):
-            span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
-            input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_token_ids(ids, self.tokenizer.pad_token_id, left=left)
 
     def labels(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """OpenFlamingo's loss masking: no loss on padding, on ``<image>``, or on text before the first image."""
-        is_image = input_ids == self.image_token_id
-        before_first_image = is_image.long().cumsum(dim=1) == 0
-        keep = attention_mask.bool() & ~is_image & ~before_first_image
-        return input_ids.masked_fill(~keep, -100)
+        return loss_labels(input_ids, attention_mask, self.image_token_id)
 
     def pad_images(self, pictures: list[list]) -> tuple[Tensor, Tensor]:
         """Each prompt's images through the transform, padded with zeros -> (b, t, c, H, W) and time_mask (b, t)."""
-        tensors = [[self.image_transform(picture) for picture in row] for row in pictures]
-        shape = next(tensor.shape for row in tensors for tensor in row)
-        most = max(len(row) for row in tensors)
-        images = torch.zeros(len(tensors), most, *shape)
-        time_mask = torch.zeros(len(tensors), most, dtype=torch.bool)
-        for row, row_tensors in enumerate(tensors):
-            for item, tensor in enumerate(row_tensors):
-                images[row, item], time_mask[row, item] = tensor, True
-        return images, time_mask
+        return stack_images([[self.image_transform(picture) for picture in row] for row in pictures])
+
+
+def pad_token_ids(
+    ids: list[list[int]], pad_id: int, *, left: bool = False, length: int | None = None
+) -> dict[str, Tensor]:
+    """Token id lists -> ``input_ids`` (b, n) padded with ``pad_id`` and ``attention_mask`` (b, n), 1 on real tokens.
+
+    Args:
+        ids: each row's token ids.
+        pad_id: the id that fills the padding.
+        left: pad on the left (for generation) rather than on the right (for training).
+        length: n; the longest row when None.
+    """
+    longest = max((len(tokens) for tokens in ids), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a row has {longest} tokens but length={length}")
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(ids), length, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
+        input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def loss_labels(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
+    """OpenFlamingo's loss masking -> labels (b, n): ``input_ids`` with -100 on padding, on ``<image>`` tokens,
+    and on the text before each row's first image (a leading BOS included). Not shifted: label i is token i."""
+    is_image = input_ids == image_token_id
+    before_first_image = is_image.long().cumsum(dim=1) == 0
+    keep = attention_mask.bool() & ~is_image & ~before_first_image
+    return input_ids.masked_fill(~keep, -100)
+
+
+def stack_images(tensors: list[list[Tensor]], count: int | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's (c, H, W) images, padded with zeros -> images (b, t, c, H, W) and time_mask (b, t), True on images.
+
+    Args:
+        tensors: each row's images, all of one shape.
+        count: t; the most images in a row when None.
+    """
+    shapes = {tuple(tensor.shape) for row in tensors for tensor in row}
+    if len(shapes) > 1:
+        raise ValueError(f"images must all have one shape after the transform, got {sorted(shapes)}")
+    most = max((len(row) for row in tensors), default=0)
+    count = most if count is None else count
+    if most > count:
+        raise ValueError(f"a row has {most} images but count={count}")
+    shape = shapes.pop() if shapes else ()
+    images = torch.zeros(len(tensors), count, *shape)
+    time_mask = torch.zeros(len(tensors), count, dtype=torch.bool)
+    for row, row_tensors in enumerate(tensors):
+        for item, tensor in enumerate(row_tensors):
+            images[row, item], time_mask[row, item] = tensor, True
+    return images, time_mask

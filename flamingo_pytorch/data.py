@@ -1,0 +1,217 @@
+"""Loading shards for training: a ``DataLoader`` over webdataset shards of documents and pairs that can resume.
+
+Each epoch, the shards are shuffled (seeded by ``seed`` and the epoch), dealt to ranks
+(``shards[rank::world_size]``) and then to the loader's workers (``[worker::num_workers]``); each
+worker reads its shards in order through a seeded shuffle buffer, turns samples into rows
+(``documents.DocumentTokenizer``) and makes whole batches, which the loader hands out round robin.
+So a seed fixes every batch, every sample is read once per epoch by exactly one rank and worker, and
+the loader's position is a few integers: the epoch and how many batches of each worker were handed
+out. ``state_dict`` returns it; a new loader built with the same arguments and given it by
+``load_state_dict`` yields exactly the batches the first one would have yielded next.
+
+Shapes: b batch_size, n max_tokens, t max_images, c channels, H x W pixels.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flamingo_pytorch.documents import DocumentTokenizer, decode_images, to_tensor
+from flamingo_pytorch.shards import import_webdataset, sample_parts
+
+
+class DocumentStream(IterableDataset):
+    """One rank's batches from the shards: yields (worker id, batch), skipping what ``start`` says was consumed.
+
+    Built by ``DocumentLoader``; see it for the arguments.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        tokenizer: DocumentTokenizer,
+        image_transform: Callable,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ):
+        self.shards, self.tokenizer, self.image_transform = shards, tokenizer, image_transform
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.start = (0, [0])  # (epoch, batches already handed out per worker), set by the loader
+
+    def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        """The shards that ``worker`` of this rank reads in ``epoch``, in reading order."""
+        shards = list(self.shards)
+        if self.shuffle_buffer > 1:
+            random.Random(f"shards-{self.seed}-{epoch}").shuffle(shards)
+        return shards[self.rank :: self.world_size][worker::num_workers]
+
+    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict]:
+        """This worker's raw samples (file name -> bytes), shuffled through the seeded buffer."""
+        wds = import_webdataset()
+        stages = [wds.SimpleShardList(self.worker_shards(epoch, worker, num_workers)), wds.tarfile_to_samples()]
+        if self.shuffle_buffer > 1:
+            seed = f"samples-{self.seed}-{epoch}-{self.rank}-{worker}"
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
+        return iter(wds.DataPipeline(*stages))
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        epoch, consumed = self.start
+        skip, rows = consumed[worker] * self.batch_size, []
+        for sample in self.samples(epoch, worker, num_workers):
+            row = self.tokenizer(sample_parts(sample))
+            if row is None:
+                continue
+            if skip:  # handed out before the resumption: tokenized to count it, never decoded
+                skip -= 1
+                continue
+            rows.append((row[0], decode_images(row[1], self.image_transform)))
+            if len(rows) == self.batch_size:
+                yield worker, self.tokenizer.collate(rows)
+                rows = []
+        if rows and not self.drop_last:
+            yield worker, self.tokenizer.collate(rows)
+
+
+class DocumentLoader(DataLoader):
+    """A ``DataLoader`` of interleaved documents and image-text pairs from webdataset shards.
+
+    Yields dicts with ``input_ids`` (b, n) long, ``attention_mask`` (b, n) long, ``labels`` (b, n) long
+    (-100: no loss; aligned with ``input_ids``, so shift them for a model that does not shift itself),
+    ``images`` (b, t, c, H, W) float and ``time_mask`` (b, t) bool. n and t are always ``max_tokens``
+    and ``max_images``. Each ``iter()`` continues from the loader's position: the rest of the epoch
+    if one was left unfinished (or loaded), else the next epoch.
+
+    Args:
+        shards: shard paths or URLs, or one brace pattern (``"data/shard-{000000..000099}.tar"``).
+        tokenizer: a Hugging Face tokenizer or a plain one; see ``DocumentTokenizer``.
+        batch_size: b, rows per batch; every batch comes from one worker's shards.
+        max_tokens: n, tokens per row (cut, never cutting an image's ``<image>`` from it).
+        max_images: t, images per row (more are dropped with their text).
+        min_images: documents left with fewer images are skipped.
+        image_transform: a decoded image (RGB PIL image, or float tensor from ``.npy``) -> (c, H, W)
+            tensor, e.g. a ``FlamingoProcessor``'s; by default pixels in [0, 1].
+        num_workers: worker processes (0: read in this process).
+        seed: fixes the shard order, the shuffle buffers, hence every batch.
+        shuffle_buffer: samples each worker shuffles among; 0 or 1 reads shards and samples in order.
+        rank, world_size: this process's share of the shards; from ``torch.distributed`` when None.
+        drop_last: drop each worker's last, partial batch of an epoch.
+        pin_memory: as for ``DataLoader``.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        tokenizer,
+        *,
+        batch_size: int,
+        max_tokens: int,
+        max_images: int,
+        min_images: int = 1,
+        image_transform: Callable | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ):
+        shards = expand_shards(shards)
+        rank, world_size = resolve_rank(rank, world_size)
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
+        readers = world_size * max(num_workers, 1)
+        if len(shards) < readers:
+            raise ValueError(
+                f"{len(shards)} shards cannot feed world_size={world_size} x {max(num_workers, 1)} workers: "
+                f"write at least {readers} shards"
+            )
+        words = DocumentTokenizer(tokenizer, max_tokens=max_tokens, max_images=max_images, min_images=min_images)
+        stream = DocumentStream(
+            shards,
+            words,
+            to_tensor if image_transform is None else image_transform,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+        self.readers = max(num_workers, 1)
+        self.epoch, self.consumed = 0, [0] * self.readers
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        self.dataset.start = (self.epoch, list(self.consumed))
+        for worker, batch in super().__iter__():
+            self.consumed[worker] += 1
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, [0] * self.readers
+
+    def state_dict(self) -> dict:
+        """The position: ``epoch``, ``batches`` handed out per worker in it, and what must match to resume."""
+        stream = self.dataset
+        return {
+            "epoch": self.epoch,
+            "batches": list(self.consumed),
+            "num_workers": self.num_workers,
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "seed": stream.seed,
+            "batch_size": stream.batch_size,
+            "num_shards": len(stream.shards),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by ``state_dict`` (of a loader built with the same arguments)."""
+        mine = self.state_dict()
+        for name in ("num_workers", "rank", "world_size", "seed", "batch_size", "num_shards"):
+            if state.get(name) != mine[name]:
+                raise ValueError(
+                    f"the saved position has {name}={state.get(name)!r} but this loader has {mine[name]!r}"
+                )
+        batches = state.get("batches")
+        if not isinstance(batches, list) or len(batches) != self.readers or not isinstance(state.get("epoch"), int):
+            raise ValueError(f"the saved position needs an int epoch and {self.readers} batch counts, got {state!r}")
+        self.epoch, self.consumed = state["epoch"], [int(count) for count in batches]
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """A brace pattern or a list of shards -> the list of shards."""
+    if isinstance(shards, str):
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(shards))
+    shards = list(shards)
+    if not shards or not all(isinstance(shard, str) for shard in shards):
+        raise ValueError(f"shards must be a non-empty list of paths or URLs, or a brace pattern, got {shards!r}")
+    return shards
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size): as given, else from ``torch.distributed`` when it runs, else (0, 1)."""
+    running = dist.is_available() and dist.is_initialized()
+    rank = rank if rank is not None else (dist.get_rank() if running else 0)
+    world_size = world_size if world_size is not None else (dist.get_world_size() if running else 1)
+    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
+        )
+    return rank, world_size
