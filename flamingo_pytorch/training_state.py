@@ -36,7 +36,8 @@ class TrainingState(Stateful):
         scheduler: the learning-rate scheduler, or None.
         progress: plain values to save with it (the step, the data position...), updated in place on
             load. DCP loads the keys the target asks for: to load, pass a dict with the same keys
-            (any values, e.g. the defaults of a fresh run).
+            (any values, e.g. the defaults of a fresh run). DCP keeps one value per key across ranks:
+            give a value that differs between ranks (a data position) a key of its own per rank.
     """
 
     def __init__(
