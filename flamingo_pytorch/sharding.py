@@ -39,10 +39,14 @@ from flamingo_pytorch.flamingo_palm import FlamingoPaLM
 
 
 def default_mesh(device: torch.device | str) -> DeviceMesh:
-    """A one-dimensional mesh over all ranks of the default process group, on ``device``'s type."""
+    """A one-dimensional mesh over all ranks of the default process group, on ``device``'s type
+    (for a model still on the meta device: cuda when there is one, else cpu)."""
     if not dist.is_initialized():
         raise RuntimeError("shard_flamingo needs torch.distributed initialised (run under torchrun)")
-    return init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    device_type = torch.device(device).type
+    if device_type == "meta":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
@@ -75,8 +79,10 @@ def shard_flamingo(
 ) -> FlamingoPaLM | Flamingo:
     """Shard ``model`` in place with FSDP2 for Flamingo training; -> the same model.
 
-    The model must already be on its device (each rank builds the same weights, e.g. from the same
-    seed or checkpoint). The language model and the encoder are frozen here before sharding.
+    The model is on its device with the same weights on every rank (same seed or checkpoint), or
+    on the meta device: then call ``model.to_empty(device=...)`` after this and load or initialise
+    the weights, so that no rank ever holds the whole model. The language model and the encoder
+    are frozen here before sharding.
 
     Args:
         model: a ``FlamingoPaLM`` or a ``Flamingo`` over a transformers language model.
