@@ -13,14 +13,15 @@ all-gathers a parameter.
 
 What lands in which unit:
     - each PaLM layer / each of the LM's decoder layers (a ``FusionLayer`` holds its LM layer);
-    - each FlamingoPaLM gated block (called as a module by FlamingoPaLM);
+    - each FlamingoPaLM gated block (FlamingoPaLM calls it as a module);
+    - for Flamingo over a transformers LM, each gated block's attention and its feed-forward. The
+      blocks are not children of their ``FusionLayer``: it projects the media keys and values once
+      per call (``attn.project_media``) and reads them with ``attn.attend``, methods that FSDP2's
+      hooks would not see, so both are registered with ``register_fsdp_forward_method``;
     - the Perceiver Resampler; the vision encoder;
     - the root: token embedding, final norm and output projection (so a tied embedding/output
-      pair is one parameter of one unit and stays tied), ``token_rows``, and, for Flamingo over a
-      transformers LM, the gated blocks. Those are not children of their ``FusionLayer`` and are
-      called through their ``forward_projected`` method with keys and values projected once per
-      call (see fusion.py), so a unit of their own would never see a module call; in the root they
-      are gathered once per step and their gradients reduce-scattered at the end of backward.
+      pair is one parameter of one unit and stays tied), ``token_rows``, and the two scalar gates
+      of each transformers-LM gated block.
 
 Mixed precision (``MixedPrecisionPolicy``): the sharded parameters, the optimizer state and the
 gradient reduction stay float32; each unit computes in ``param_dtype`` (bfloat16 by default).
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from flamingo_pytorch.flamingo import Flamingo, find_decoder_layers
 from flamingo_pytorch.flamingo_palm import FlamingoPaLM
@@ -59,7 +60,8 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
         units = [*model.palm.layers, *model.gated_cross_attn, model.perceiver_resampler]
         encoder = model.img_encoder
     elif isinstance(model, Flamingo):
-        units = [*find_decoder_layers(model.lm), model.perceiver_resampler]
+        blocks = [unit for block in model.gated_cross_attn for unit in (block.attn, block.ff)]
+        units = [*find_decoder_layers(model.lm), *blocks, model.perceiver_resampler]
         encoder = model.vision_encoder
     else:
         raise TypeError(f"model must be a FlamingoPaLM or a Flamingo, got {type(model).__name__}")
@@ -102,6 +104,10 @@ def shard_flamingo(
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if isinstance(model, Flamingo):  # the fusion layers call these methods of the blocks' attention, not forward
+        for block in model.gated_cross_attn:
+            register_fsdp_forward_method(block.attn, "project_media")
+            register_fsdp_forward_method(block.attn, "attend")
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # root: backward needs it at once
     return model
 
