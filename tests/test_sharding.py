@@ -26,6 +26,8 @@ if not dist.is_available():
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
 pytest.importorskip("safetensors")
 
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
 from flamingo_pytorch.sharding import shard_flamingo  # noqa: E402
 from flamingo_pytorch.training_state import (  # noqa: E402
     TrainingState,
@@ -108,6 +110,7 @@ def sharded_run(build, rank: int, folder: Path) -> dict:
     """Train STEPS steps sharded, saving at SAVED_AT; resume a fresh model from there; export the result."""
     model = shard_flamingo(build(), param_dtype=None)
     tied = tied_pair(model)
+    units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
     optimizer = torch.optim.AdamW(model.flamingo_parameters(), lr=1e-2)
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     grads = {}
@@ -122,6 +125,7 @@ def sharded_run(build, rank: int, folder: Path) -> dict:
         "with_state": sorted(n for n, p in model.named_parameters() if p in optimizer.state),
         "frozen_grads": [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None],
         "tied": tied and tied_pair(model),
+        "units": units,
         "logits": logits_of(model, batch(STEPS, slice(None))),
     }
     export_trained(model, folder / "trained.safetensors")
@@ -211,6 +215,26 @@ def test_only_flamingo_parameters_train_and_hold_optimizer_state(runs, name, bui
         frozen = {n: p for n, p in model.named_parameters() if id(p) not in trained}
         for key, value in frozen.items():  # the language model (and encoder) did not move
             torch.testing.assert_close(rank[name]["params"][key], value.detach(), rtol=0, atol=0, msg=key)
+
+
+UNITS = {  # "" is the root: embeddings, final norm, output projection
+    "palm": [
+        *("", "gated_cross_attn.0", "gated_cross_attn.1", "img_encoder"),
+        *(f"palm.layers.{i}" for i in range(4)),
+        "perceiver_resampler",
+    ],
+    "llama": [
+        *("", "gated_cross_attn.0.attn", "gated_cross_attn.0.ff", "gated_cross_attn.1.attn", "gated_cross_attn.1.ff"),
+        *(f"lm.model.layers.{i}" for i in range(3)),
+        "perceiver_resampler",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ["palm", "llama"])
+def test_one_unit_per_layer_gated_block_and_resampler(runs, name):
+    ranks, _ = runs
+    assert ranks[0][name]["units"] == UNITS[name]
 
 
 @pytest.mark.parametrize("name", ["palm", "llama"])
