@@ -3,10 +3,10 @@
 ``save_training_state`` writes, with ``torch.distributed.checkpoint`` (DCP), what a run needs to go
 on exactly where it stopped: the trained parameters (not the frozen language model and encoder,
 which the run rebuilds from their own checkpoints), the optimizer state, the learning-rate
-schedule, the step and the data position. Each rank writes its own shards, in parallel; a run may
-resume on another number of ranks, since DCP reshards on load. ``load_training_state`` reads them
-back into a freshly built (and sharded) model and optimizer. Works the same for an FSDP2-sharded,
-a DDP or a single-process model: ``get_state_dict`` / ``set_state_dict`` speak in unsharded names.
+schedule, the step and the data position. Each rank writes its own shards, in parallel.
+``load_training_state`` reads them back into a freshly built (and sharded) model and optimizer.
+Works the same for an FSDP2-sharded, a DDP (pass the model inside the DDP wrapper) or a
+single-process model: parameters and optimizer state are keyed by the unsharded parameter names.
 
 ``export_trained`` gathers the trained parameters into one safetensors file that loads into a
 single-process model (``load_trained``, or ``Flamingo.load_trained``): the keys are the model's
@@ -31,7 +31,8 @@ class TrainingState(Stateful):
     """Model (trained part), optimizer, schedule and progress, as one DCP ``Stateful``.
 
     Args:
-        model: the model being trained (sharded or not); its frozen parameters are left out.
+        model: the model being trained (FSDP2-sharded or not; not a DDP wrapper but the model in it);
+            its frozen parameters are left out.
         optimizer: the optimizer over ``model.flamingo_parameters()``.
         scheduler: the learning-rate scheduler, or None.
         progress: plain values to save with it (the step, the data position...), updated in place on
@@ -99,13 +100,15 @@ def load_training_state(path: str | Path, state: TrainingState) -> None:
     dcp.load({"train": state}, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
 
 
-def gather_trained(model: nn.Module) -> dict[str, Tensor]:
-    """The whole (unsharded) trained parameters, detached on CPU, on every rank (every rank calls this:
-    sharded parameters are all-gathered)."""
+def gather_trained(model: nn.Module, *, rank0_only: bool = False) -> dict[str, Tensor]:
+    """The whole (unsharded) trained parameters, detached, on CPU (every rank calls this: sharded
+    parameters are all-gathered one at a time). With ``rank0_only`` the other ranks get an empty dict."""
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     gathered = {}
     for name, param in trained_parameters(model).items():
         value = param.full_tensor() if isinstance(param, DTensor) else param
-        gathered[name] = value.detach().cpu().clone()
+        if keep:
+            gathered[name] = value.detach().cpu().clone()
     return gathered
 
 
@@ -115,7 +118,7 @@ def export_trained(model: nn.Module, path: str | Path) -> None:
         from safetensors.torch import save_file
     except ModuleNotFoundError as error:
         raise ImportError('export_trained needs safetensors: pip install "flamingo-pytorch[examples]"') from error
-    tensors = gather_trained(model)
+    tensors = gather_trained(model, rank0_only=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
     if dist.is_initialized():
