@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,20 @@ def logits_of(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
         return full(model(data["text"], image_embeds=data["features"]).logits)
 
 
+def bf16_step(rank: int) -> dict:
+    """One step of FlamingoPaLM under the default policy: bfloat16 compute, float32 weights and gradients."""
+    model = shard_flamingo(build_palm())
+    data = batch(0, slice(rank * ROWS, (rank + 1) * ROWS))
+    loss = loss_of(model, data)
+    loss.backward()
+    result = {
+        "loss": loss.item(),
+        "weights": {p.dtype for p in model.parameters()},  # the sharded parameters, after backward
+        "grads": {p.grad.dtype for p in model.parameters() if p.grad is not None},
+    }
+    return {**result, "logits": logits_of(model, data).dtype}
+
+
 def worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -161,6 +176,7 @@ def worker(rank: int, port: int, folder: str) -> None:
         for name, build in (("palm", build_palm), ("llama", build_llama)):
             (Path(folder) / name).mkdir(exist_ok=True)
             results[name] = sharded_run(build, rank, Path(folder) / name)
+        results["bf16"] = bf16_step(rank)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -173,6 +189,18 @@ def runs(tmp_path_factory) -> tuple[list[dict], Path]:
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)], folder
 
 
+@contextmanager
+def one_thread():
+    """Tiny matrices: a second torch thread only waits (seconds per step on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def reference(build) -> tuple[torch.nn.Module, dict, list[float]]:
     """One process, the whole batch of every step."""
     model = build()
@@ -237,6 +265,16 @@ def test_one_unit_per_layer_gated_block_and_resampler(runs, name):
     assert ranks[0][name]["units"] == UNITS[name]
 
 
+def test_bf16_compute_keeps_float32_weights_and_gradients(runs):
+    ranks, _ = runs
+    for rank in ranks:
+        bf16 = rank["bf16"]
+        assert bf16["logits"] == torch.bfloat16  # the units computed in bfloat16
+        assert bf16["weights"] == {torch.float32} and bf16["grads"] == {torch.float32}
+        assert abs(bf16["loss"] - rank["palm"]["losses"][0]) < 0.05  # the float32 run's first loss
+        assert bf16["loss"] != rank["palm"]["losses"][0]
+
+
 @pytest.mark.parametrize("name", ["palm", "llama"])
 def test_the_tied_embedding_stays_one_parameter(runs, name):
     ranks, _ = runs
@@ -252,6 +290,7 @@ def test_resuming_from_a_distributed_checkpoint_equals_not_stopping(runs, name):
 
 
 @pytest.mark.parametrize("name, build", [("palm", build_palm), ("llama", build_llama)])
+@one_thread()
 def test_exported_weights_load_into_one_process(runs, name, build):
     ranks, folder = runs
     model = build().eval()
