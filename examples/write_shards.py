@@ -1,7 +1,12 @@
-"""Write webdataset shards of the generated shapes task: interleaved documents or image-text pairs.
+"""Write webdataset shards: of the generated shapes task (documents or pairs), or of your own documents.
 
     python examples/write_shards.py out/shapes-docs --count 1024 --images 4 --per-shard 128
     python examples/write_shards.py out/shapes-pairs --pairs --count 1024 --per-shard 128 --format jpg
+    python examples/write_shards.py out/mine --jsonl documents.jsonl --per-shard 1000
+
+With ``--jsonl``, each line is a document, ``{"parts": ["text", {"image": "images/1.jpg"}, "more text"]}``,
+or a pair, ``{"image": "images/2.jpg", "caption": "a cat"}``; image paths are relative to the file's
+folder, and the image files go into the shards as they are.
 
 A document is a few-shot sequence of the demo (shapes_dataset.py): ``<image> what color ? red . <image> ...``,
 stored as parts ``[image, "what color ? red .", image, ...]``; a pair is one image and its caption,
@@ -12,6 +17,7 @@ demo's ``make_tokenizer()`` (see docs/data.md).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,17 +52,33 @@ def shapes_pairs(count: int, seed: int, *, chunk: int = 256) -> Iterator[tuple[t
             yield image, f"{words['size']} {words['color']} {words['shape']} {words['corner']} ."
 
 
+def jsonl_samples(path: Path) -> Iterator[dict]:
+    """The documents and pairs of a JSON-lines file (see the module docstring) -> shard samples."""
+    for number, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        entry, key = json.loads(line), f"{number:08d}"
+        if "parts" in entry:
+            parts = [part if isinstance(part, str) else path.parent / part["image"] for part in entry["parts"]]
+            yield interleaved_sample(key, parts)
+        else:
+            yield pair_sample(key, path.parent / entry["image"], entry["caption"])
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", help="where the shards go")
-    parser.add_argument("--pairs", action="store_true", help="image-text pairs rather than documents")
+    parser.add_argument("--jsonl", type=Path, help="a file of your own documents and pairs, one a line")
+    parser.add_argument("--pairs", action="store_true", help="shapes image-text pairs rather than documents")
     parser.add_argument("--count", type=int, default=1024, help="documents or pairs to write")
     parser.add_argument("--images", type=int, default=4, help="images per document")
     parser.add_argument("--per-shard", type=int, default=128, help="samples per shard")
     parser.add_argument("--format", default="png", choices=["png", "jpg", "npy"], help="image files")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.pairs:
+    if args.jsonl is not None:
+        samples = jsonl_samples(args.jsonl)
+    elif args.pairs:
         pairs = shapes_pairs(args.count, args.seed)
         samples = (
             pair_sample(f"{i:08d}", image, text, image_format=args.format) for i, (image, text) in enumerate(pairs)
@@ -65,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         docs = shapes_documents(args.count, args.images, args.seed)
         samples = (interleaved_sample(f"{i:08d}", parts, image_format=args.format) for i, parts in enumerate(docs))
     paths = write_shards(samples, args.directory, samples_per_shard=args.per_shard)
-    print(f"wrote {args.count} {'pairs' if args.pairs else 'documents'} in {len(paths)} shards to {args.directory}")
+    print(f"wrote {len(paths)} shards to {args.directory}")
     return paths
 
 

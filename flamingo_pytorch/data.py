@@ -2,12 +2,13 @@
 
 Each epoch, the shards are shuffled (seeded by ``seed`` and the epoch), dealt to ranks
 (``shards[rank::world_size]``) and then to the loader's workers (``[worker::num_workers]``); each
-worker reads its shards in order through a seeded shuffle buffer, turns samples into rows
-(``documents.DocumentTokenizer``) and makes whole batches, which the loader hands out round robin.
-So a seed fixes every batch, every sample is read once per epoch by exactly one rank and worker, and
-the loader's position is a few integers: the epoch and how many batches of each worker were handed
-out. ``state_dict`` returns it; a new loader built with the same arguments and given it by
-``load_state_dict`` yields exactly the batches the first one would have yielded next.
+worker reads its shards in order through a seeded shuffle buffer, turns samples into rows of one
+document, or of several with packing (``documents.DocumentTokenizer``), and makes whole batches,
+which the loader hands out round robin. So a seed fixes every batch, every sample is read once per
+epoch by exactly one rank and worker, and the loader's position is a few integers: the epoch and how
+many batches of each worker were handed out. ``state_dict`` returns it; a new loader built with the
+same arguments and given it by ``load_state_dict`` yields exactly the batches the first one would
+have yielded next.
 
 Shapes: b batch_size, n max_tokens, t max_images, c channels, H x W pixels.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import torch.distributed as dist
 from torch import Tensor
@@ -26,7 +28,10 @@ from flamingo_pytorch.shards import import_webdataset, sample_parts
 
 
 class DocumentStream(IterableDataset):
-    """One rank's batches from the shards: yields (worker id, batch), skipping what ``start`` says was consumed.
+    """One rank's batches from the shards: yields (reader, batch), skipping what ``start`` says was consumed.
+
+    A reader is one worker's share of the rank's shards; in a resumed epoch, worker w plays reader
+    (w + due) % num_workers, so that the round robin goes on where it stopped.
 
     Built by ``DocumentLoader``; see it for the arguments.
     """
@@ -43,11 +48,12 @@ class DocumentStream(IterableDataset):
         rank: int,
         world_size: int,
         drop_last: bool,
+        pack: bool,
     ):
         self.shards, self.tokenizer, self.image_transform = shards, tokenizer, image_transform
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.start = (0, [0])  # (epoch, batches already handed out per worker), set by the loader
+        self.rank, self.world_size, self.drop_last, self.pack = rank, world_size, drop_last, pack
+        self.start = (0, [0], 0)  # (epoch, batches handed out per reader, the reader due next): set by the loader
 
     def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """The shards that ``worker`` of this rank reads in ``epoch``, in reading order."""
@@ -67,22 +73,38 @@ class DocumentStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        epoch, consumed = self.start
-        skip, rows = consumed[worker] * self.batch_size, []
-        for sample in self.samples(epoch, worker, num_workers):
-            row = self.tokenizer(sample_parts(sample))
-            if row is None:
-                continue
-            if skip:  # handed out before the resumption: tokenized to count it, never decoded
-                skip -= 1
-                continue
-            rows.append((row[0], decode_images(row[1], self.image_transform)))
+        epoch, consumed, due = self.start
+        # the DataLoader asks its workers round robin from worker 0, so worker 0 plays the reader due next
+        worker, num_workers = (0, 1) if info is None else ((info.id + due) % info.num_workers, info.num_workers)
+        rows = []
+        # the rows handed out before a resumption are tokenized to count them, never decoded
+        for row in islice(self.rows(epoch, worker, num_workers), consumed[worker] * self.batch_size, None):
+            rows.append([(ids, self.decode(images)) for ids, images in row])
             if len(rows) == self.batch_size:
                 yield worker, self.tokenizer.collate(rows)
                 rows = []
         if rows and not self.drop_last:
             yield worker, self.tokenizer.collate(rows)
+
+    def rows(self, epoch: int, worker: int, num_workers: int) -> Iterator[list[tuple[list[int], list]]]:
+        """This worker's rows, images not decoded: each a list of documents (ids, images), one unless packing."""
+        documents = (self.read(sample) for sample in self.samples(epoch, worker, num_workers))
+        documents = (document for document in documents if document is not None)
+        return self.tokenizer.pack(documents) if self.pack else ([document] for document in documents)
+
+    def read(self, sample: dict) -> tuple[list[int], list] | None:
+        """A raw sample -> its token ids and undecoded images, or None when it is skipped."""
+        try:
+            return self.tokenizer(sample_parts(sample))
+        except Exception as error:
+            where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+            raise RuntimeError(f"could not read {where}: {error}") from error
+
+    def decode(self, images: list) -> list[Tensor]:
+        try:
+            return decode_images(images, self.image_transform)
+        except Exception as error:
+            raise RuntimeError(f"could not read an image of {images[0].source}: {error}") from error
 
 
 class DocumentLoader(DataLoader):
@@ -108,6 +130,9 @@ class DocumentLoader(DataLoader):
         shuffle_buffer: samples each worker shuffles among; 0 or 1 reads shards and samples in order.
         rank, world_size: this process's share of the shards; from ``torch.distributed`` when None.
         drop_last: drop each worker's last, partial batch of an epoch.
+        pack: fill each row with as many consecutive documents as fit (see ``DocumentTokenizer.pack``),
+            rather than one document a row. Packed documents see the earlier ones of their row in
+            self-attention; each has its own loss masking.
         pin_memory: as for ``DataLoader``.
     """
 
@@ -127,8 +152,10 @@ class DocumentLoader(DataLoader):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        pack: bool = False,
         pin_memory: bool = False,
     ):
+        import_webdataset()  # fail here rather than in a worker
         shards = expand_shards(shards)
         rank, world_size = resolve_rank(rank, world_size)
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
@@ -142,10 +169,10 @@ class DocumentLoader(DataLoader):
                 f"{len(shards)} shards cannot feed world_size={world_size} x {max(num_workers, 1)} workers: "
                 f"write at least {readers} shards"
             )
-        words = DocumentTokenizer(tokenizer, max_tokens=max_tokens, max_images=max_images, min_images=min_images)
+        documents = DocumentTokenizer(tokenizer, max_tokens=max_tokens, max_images=max_images, min_images=min_images)
         stream = DocumentStream(
             shards,
-            words,
+            documents,
             to_tensor if image_transform is None else image_transform,
             batch_size=batch_size,
             seed=seed,
@@ -153,44 +180,64 @@ class DocumentLoader(DataLoader):
             rank=rank,
             world_size=world_size,
             drop_last=drop_last,
+            pack=pack,
         )
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
         self.readers = max(num_workers, 1)
-        self.epoch, self.consumed = 0, [0] * self.readers
+        self.epoch, self.consumed, self.due = 0, [0] * self.readers, 0
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        self.dataset.start = (self.epoch, list(self.consumed))
-        for worker, batch in super().__iter__():
-            self.consumed[worker] += 1
+        self.dataset.start = (self.epoch, list(self.consumed), self.due)
+        for reader, batch in super().__iter__():
+            self.consumed[reader] += 1
+            self.due = (reader + 1) % self.readers  # the DataLoader's round robin: exhausted readers drop out
             yield batch
-        self.epoch, self.consumed = self.epoch + 1, [0] * self.readers
+        self.epoch, self.consumed, self.due = self.epoch + 1, [0] * self.readers, 0
+
+    def forever(self) -> Iterator[dict[str, Tensor]]:
+        """Batches epoch after epoch, without end: for training by steps (``batches = loader.forever()``,
+        then ``next(batches)`` each step), where ranks must take the same number of steps whatever their
+        epochs hold. The position stays exact; ``state_dict`` saves it as ever."""
+        while True:
+            fresh, count = not any(self.consumed), 0
+            for batch in self:
+                count += 1
+                yield batch
+            if fresh and not count:
+                raise RuntimeError(f"rank {self.dataset.rank} got no batch in a whole epoch: its shards hold no rows")
 
     def state_dict(self) -> dict:
-        """The position: ``epoch``, ``batches`` handed out per worker in it, and what must match to resume."""
+        """The position: ``epoch``, ``batches`` handed out per reader in it, the reader ``due`` next, and what
+        must match to resume."""
         stream = self.dataset
         return {
             "epoch": self.epoch,
             "batches": list(self.consumed),
+            "due": self.due,
             "num_workers": self.num_workers,
             "rank": stream.rank,
             "world_size": stream.world_size,
             "seed": stream.seed,
             "batch_size": stream.batch_size,
             "num_shards": len(stream.shards),
+            "pack": stream.pack,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position saved by ``state_dict`` (of a loader built with the same arguments)."""
         mine = self.state_dict()
-        for name in ("num_workers", "rank", "world_size", "seed", "batch_size", "num_shards"):
+        for name in ("num_workers", "rank", "world_size", "seed", "batch_size", "num_shards", "pack"):
             if state.get(name) != mine[name]:
                 raise ValueError(
                     f"the saved position has {name}={state.get(name)!r} but this loader has {mine[name]!r}"
                 )
-        batches = state.get("batches")
-        if not isinstance(batches, list) or len(batches) != self.readers or not isinstance(state.get("epoch"), int):
-            raise ValueError(f"the saved position needs an int epoch and {self.readers} batch counts, got {state!r}")
-        self.epoch, self.consumed = state["epoch"], [int(count) for count in batches]
+        batches, epoch, due = state.get("batches"), state.get("epoch"), state.get("due")
+        valid = isinstance(batches, list) and len(batches) == self.readers and isinstance(epoch, int)
+        if not valid or not (isinstance(due, int) and 0 <= due < self.readers):
+            raise ValueError(
+                f"the saved position needs an int epoch, {self.readers} batch counts and due, got {state!r}"
+            )
+        self.epoch, self.consumed, self.due = epoch, [int(count) for count in batches], due
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:

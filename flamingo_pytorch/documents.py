@@ -9,15 +9,17 @@ image opens a chunk, ``<|endofchunk|>`` closes it (when the tokenizer has that t
    ``<image>`` left as the very last token (its text is gone);
 3. a document left with fewer than ``min_images`` images is skipped.
 
-So every row holds exactly as many ``<image>`` tokens as images, in the same order. Labels follow
-OpenFlamingo (``processor.loss_labels``): -100 on padding, on ``<image>`` tokens and before the first image.
+So every document holds exactly as many ``<image>`` tokens as images, in the same order. A row is one
+document, or with packing as many consecutive documents as fit in ``max_tokens`` and ``max_images``.
+Labels follow OpenFlamingo (``processor.loss_labels``), document by document: -100 on padding, on
+``<image>`` tokens and before each document's first image.
 
 Shapes: b rows, n = max_tokens, t = max_images, c channels, H x W pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -111,18 +113,39 @@ class DocumentTokenizer:
     def marker_positions(self, ids: list[int]) -> list[int]:
         return [position for position, token in enumerate(ids) if token == self.image_id]
 
-    def collate(self, rows: Sequence[tuple[list[int], list[Tensor]]]) -> dict[str, Tensor]:
-        """Rows of (ids, (c, H, W) images) -> the batch, padded to fixed sizes:
+    def pack(self, documents: Iterable[tuple[list[int], list]]) -> Iterator[list[tuple[list[int], list]]]:
+        """Documents (ids, images) -> rows of consecutive documents: each row takes documents in order
+        while their tokens fit in ``max_tokens`` and their images in ``max_images``."""
+        row, tokens, images = [], 0, 0
+        for ids, document_images in documents:
+            if row and (tokens + len(ids) > self.max_tokens or images + len(document_images) > self.max_images):
+                yield row
+                row, tokens, images = [], 0, 0
+            row.append((ids, document_images))
+            tokens, images = tokens + len(ids), images + len(document_images)
+        if row:
+            yield row
+
+    def collate(self, rows: Sequence[Sequence[tuple[list[int], list[Tensor]]]]) -> dict[str, Tensor]:
+        """Rows, each a list of documents (ids, (c, H, W) images), -> the batch, padded to fixed sizes:
 
         ``input_ids`` (b, n) long, ``attention_mask`` (b, n) long (1 on tokens), ``labels`` (b, n) long
         (-100 where no loss; not shifted: label i is token i), ``images`` (b, t, c, H, W) float (zeros
         where padded) and ``time_mask`` (b, t) bool (True on images).
         """
-        batch = pad_token_ids([ids for ids, _ in rows], self.pad_id, length=self.max_tokens)
-        batch["labels"] = loss_labels(batch["input_ids"], batch["attention_mask"], self.image_id)
-        images, batch["time_mask"] = stack_images([list(row_images) for _, row_images in rows], self.max_images)
+        ids = [[token for document, _ in row for token in document] for row in rows]
+        labels = [[label for document, _ in row for label in self.labels(document)] for row in rows]
+        batch = pad_token_ids(ids, self.pad_id, length=self.max_tokens)
+        batch["labels"] = pad_token_ids(labels, -100, length=self.max_tokens)["input_ids"]
+        pictures = [[image for _, document_images in row for image in document_images] for row in rows]
+        images, batch["time_mask"] = stack_images(pictures, self.max_images)
         batch["images"] = images.float()
         return batch
+
+    def labels(self, ids: list[int]) -> list[int]:
+        """One document's labels: ``processor.loss_labels`` of it alone."""
+        row = torch.tensor([ids], dtype=torch.long)  # (1, length)
+        return loss_labels(row, torch.ones_like(row), self.image_id)[0].tolist()
 
 
 def to_tensor(image) -> Tensor:

@@ -39,14 +39,21 @@ def import_webdataset():
     return webdataset
 
 
-def encode_image(image, extension: str) -> bytes:
-    """A (c, H, W) float tensor in [0, 1], (H, W, c) uint8 array, or PIL image -> the bytes of a ``extension`` file.
+def encode_image(image, extension: str) -> tuple[str, bytes]:
+    """An image -> (its file extension, the file's bytes).
 
-    PNG keeps 8-bit pixels exactly (a float tensor is rounded to ``round(255 x) / 255``), JPEG is lossy,
-    ``.npy`` keeps a float tensor exactly (as float32 (c, H, W)).
+    A (c, H, W) float tensor in [0, 1], an (H, W, c) uint8 array or a PIL image is encoded as an
+    ``extension`` file: PNG keeps 8-bit pixels exactly (a float tensor is rounded to ``round(255 x) / 255``),
+    JPEG is lossy, ``.npy`` keeps a float tensor exactly (as float32 (c, H, W)). A ``pathlib.Path`` to an
+    image file is stored as it is, under its own extension.
     """
     import numpy as np
 
+    if isinstance(image, Path):
+        suffix = image.suffix.lower().lstrip(".")
+        if suffix not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image file {image} must end in one of {IMAGE_EXTENSIONS}")
+        return suffix, image.read_bytes()
     if extension not in IMAGE_EXTENSIONS:
         raise ValueError(f"image extension must be one of {IMAGE_EXTENSIONS}, got {extension!r}")
     if extension == "npy":
@@ -54,7 +61,7 @@ def encode_image(image, extension: str) -> bytes:
             raise TypeError(f"a .npy image must be a (c, H, W) tensor, got {type(image).__name__}")
         buffer = io.BytesIO()
         np.save(buffer, image.detach().cpu().float().numpy())
-        return buffer.getvalue()
+        return extension, buffer.getvalue()
     from PIL import Image
 
     if isinstance(image, Tensor):
@@ -66,7 +73,7 @@ def encode_image(image, extension: str) -> bytes:
         image = Image.fromarray(image)
     buffer = io.BytesIO()
     image.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[extension])
-    return buffer.getvalue()
+    return extension, buffer.getvalue()
 
 
 def decode_image(data: bytes, extension: str):
@@ -85,8 +92,8 @@ def interleaved_sample(key: str, parts: Sequence, *, image_format: str = "png") 
 
     Args:
         key: the sample's name in the shard (unique within the shard; no dots).
-        parts: strings (text) and images (tensors, arrays or PIL images), in document order.
-        image_format: the images' file extension, one of ``IMAGE_EXTENSIONS``.
+        parts: strings (text) and images (tensors, arrays, PIL images or image file paths), in document order.
+        image_format: the file extension for images given as pixels, one of ``IMAGE_EXTENSIONS``.
     """
     check_key(key)
     files, entries = {"__key__": key}, []
@@ -94,19 +101,22 @@ def interleaved_sample(key: str, parts: Sequence, *, image_format: str = "png") 
         if isinstance(part, str):
             entries.append(part)
             continue
-        name = f"{len(files) - 1}.{image_format}"
-        files[name] = encode_image(part, image_format)
+        extension, data = encode_image(part, image_format)
+        name = f"{len(files) - 1}.{extension}"
+        files[name] = data
         entries.append({"image": name})
     files["json"] = json.dumps({"parts": entries}).encode()
     return files
 
 
 def pair_sample(key: str, image, caption: str, *, image_format: str = "jpg") -> dict:
-    """An image-text pair -> its shard files: ``{"__key__": key, "txt": caption, "jpg": ...}``."""
+    """An image-text pair -> its shard files: ``{"__key__": key, "txt": caption, "jpg": ...}``; the image as
+    for ``interleaved_sample``."""
     check_key(key)
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a string, got {type(caption).__name__}")
-    return {"__key__": key, "txt": caption.encode(), image_format: encode_image(image, image_format)}
+    extension, data = encode_image(image, image_format)
+    return {"__key__": key, "txt": caption.encode(), extension: data}
 
 
 def check_key(key: str) -> None:
@@ -147,6 +157,7 @@ def sample_parts(sample: dict) -> list:
     """A sample read from a shard (``{"__key__": ..., "json": bytes, ...}``) -> its parts: strings and
     images, in document order."""
     key = sample.get("__key__", "?")
+    source = f"shard {sample.get('__url__', '?')}, sample {key}"
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if isinstance(meta, dict) and "parts" in meta:
         parts = []
@@ -154,7 +165,7 @@ def sample_parts(sample: dict) -> list:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict) and isinstance(part.get("image"), str) and part["image"] in sample:
-                parts.append(ImageFile(part["image"], sample[part["image"]]))
+                parts.append(ImageFile(part["image"], sample[part["image"]], source))
             else:
                 raise ValueError(f"sample {key}: a part must be a string or {{'image': NAME}} of a file, got {part!r}")
         return parts
@@ -162,15 +173,16 @@ def sample_parts(sample: dict) -> list:
         names = [name for name in IMAGE_EXTENSIONS if name in sample]
         if len(names) != 1:
             raise ValueError(f"sample {key}: an image-text pair needs exactly one image file, found {names}")
-        return [ImageFile(names[0], sample[names[0]]), sample["txt"].decode()]
+        return [ImageFile(names[0], sample[names[0]], source), sample["txt"].decode()]
     raise ValueError(f"sample {key}: neither a document (.json with 'parts') nor a pair (.txt + image)")
 
 
 class ImageFile:
-    """An image not decoded yet: its file name in the sample and its bytes; ``decode()`` reads it."""
+    """An image not decoded yet: its file name in the sample, its bytes, and which shard and sample hold it
+    (for error messages); ``decode()`` reads it."""
 
-    def __init__(self, name: str, data: bytes):
-        self.name, self.data = name, data
+    def __init__(self, name: str, data: bytes, source: str = ""):
+        self.name, self.data, self.source = name, data, source
 
     def decode(self):
         return decode_image(self.data, self.name.rsplit(".", 1)[-1])
