@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-tokens", type=int, default=128)
     add("--max-images", type=int, default=4)
     add("--num-workers", type=int, default=0)
+    add("--shuffle-buffer", type=int, default=1000, help="samples each loader worker shuffles among (0: in order)")
+    add("--pack", action="store_true", help="fill each row with consecutive documents while they fit")
     add("--strategy", choices=("auto", "fsdp", "ddp", "single"), default="auto", help="auto: fsdp under torchrun")
     add("--bf16", action="store_true", help="bfloat16 compute (fp32 weights, optimizer state and reductions)")
     add("--checkpoint-activations", action="store_true", help="recompute each layer in backward")
@@ -226,6 +228,8 @@ def make_data(args: argparse.Namespace, tokenizer, model: nn.Module, rank: int):
         max_images=args.max_images,
         num_workers=args.num_workers,
         seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
+        pack=args.pack,
         drop_last=True,
     )
 
