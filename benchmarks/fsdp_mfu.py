@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak", type=float, default=None, help="peak bf16 FLOP/s per device (default: by name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and batch, to check the script")
+    parser.add_argument("--count-only", action="store_true", help="print the model FLOPs (meta device) and stop")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fsdp_mfu.json")
     args = parser.parse_args()
     if args.tiny:
@@ -151,6 +152,17 @@ def count_flops(args: argparse.Namespace, device: torch.device) -> tuple[int, in
     return formula.total, counter.get_total_flops()
 
 
+def count_on_meta(args: argparse.Namespace) -> int:
+    """The formula's FLOPs per sample from shapes alone (meta device: no memory, no time). The logits of
+    all n tokens stand in for the loss over the n - 1 labelled ones (labels cannot be checked on meta)."""
+    model = build(args, torch.device("meta"))
+    model.set_flamingo_mode(True)
+    batch = make_batch(args, 1, torch.device("meta"), model.media_token_id)
+    with ModelFlops(model) as formula:
+        model(batch["text"], image_embeds=batch["image_embeds"])
+    return formula.total
+
+
 def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
     if args.peak is not None:
         return args.peak
@@ -162,6 +174,12 @@ def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def main() -> None:
     args = parse_args()
+    if args.count_only:
+        formula = count_on_meta(args)
+        per_step = formula * args.batch
+        print(f"model FLOPs per sample {formula:.4e} ({formula / args.seq:.4e} per token), per step {per_step:.4e}")
+        print(f"a step at 40% of 989e12 FLOP/s takes {per_step / (0.4 * 989e12):.3f} s")
+        return
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
     if device.type == "cuda":
