@@ -194,7 +194,7 @@ def main() -> None:
         if args.compile:
             for layer in model.palm.layers:
                 layer.compile()
-        optimizer = torch.optim.AdamW(model.flamingo_parameters(), lr=1e-5, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(model.flamingo_parameters(), lr=1e-5)
         batch = make_batch(args, args.batch, device, model.media_token_id)
         for _ in range(3):
             step(model, optimizer, batch)
