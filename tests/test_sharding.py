@@ -1,0 +1,304 @@
+"""FSDP2 over 2 gloo processes against one process: FlamingoPaLM and Flamingo over a tiny transformers Llama.
+
+One spawn of two CPU processes runs every distributed check and saves what each rank saw; the tests
+then compare. Float32 throughout (``param_dtype=None``), so sharding may only change the order of
+floating-point sums: losses, gradients and updated weights must agree with one process on the
+whole batch to ``RTOL`` / ``ATOL``. Resuming from a distributed checkpoint must be exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY, open_gates, tiny_image_encoder
+
+from flamingo_pytorch import Flamingo, FlamingoPaLM
+
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
+pytest.importorskip("safetensors")
+
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
+from flamingo_pytorch.sharding import shard_flamingo  # noqa: E402
+from flamingo_pytorch.training_state import (  # noqa: E402
+    TrainingState,
+    export_trained,
+    load_trained,
+    load_training_state,
+    save_training_state,
+)
+
+RTOL, ATOL = 1e-5, 1e-6  # float32 sums in another order
+WORLD, ROWS, LENGTH, ITEMS, STEPS, SAVED_AT = 2, 2, 12, 2, 4, 2  # ROWS per rank; the reference sees both ranks'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_palm() -> FlamingoPaLM:
+    torch.manual_seed(0)
+    model = FlamingoPaLM(**TINY, img_encoder=tiny_image_encoder())
+    open_gates(model, 0.5)  # at 0 only the gates would get gradients
+    return model
+
+
+def build_llama() -> Flamingo:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    sizes = dict(cross_attn_every=2, dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4)
+    model = Flamingo(transformers.LlamaForCausalLM(config), media_token_id=3, perceiver_num_time_embeds=4, **sizes)
+    open_gates(model, 0.5)
+    return model
+
+
+def batch(step: int, rows: slice) -> dict[str, torch.Tensor]:
+    """The step's global batch of WORLD * ROWS rows, cut to ``rows``: text with 2 media items, images and features."""
+    generator = torch.Generator().manual_seed(step)
+    text = torch.randint(4, 64, (WORLD * ROWS, LENGTH), generator=generator)
+    text[:, [1, 6]] = TINY["media_token_id"]
+    images = torch.randn(WORLD * ROWS, ITEMS, 3, 8, 8, generator=generator)
+    features = torch.randn(WORLD * ROWS, ITEMS, 4, 32, generator=generator)
+    return {"text": text[rows], "images": images[rows], "features": features[rows]}
+
+
+def loss_of(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    if isinstance(model, FlamingoPaLM):
+        labels = torch.cat((data["text"][:, 1:], torch.full_like(data["text"][:, :1], -100)), dim=1)
+        return model(data["text"], data["images"], labels=labels)
+    return model(data["text"], image_embeds=data["features"], labels=data["text"]).loss
+
+
+def train(model, optimizer, steps: range, rows: slice, grads: dict | None = None) -> list[float]:
+    losses = []
+    for step in steps:
+        loss = loss_of(model, batch(step, rows))
+        loss.backward()
+        if grads is not None and step == 0:
+            grads.update({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (all-gathered), or a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+
+
+def sharded_run(build, rank: int, folder: Path) -> dict:
+    """Train STEPS steps sharded, saving at SAVED_AT; resume a fresh model from there; export the result."""
+    model = shard_flamingo(build(), param_dtype=None)
+    tied = tied_pair(model)
+    units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
+    optimizer = torch.optim.AdamW(model.flamingo_parameters(), lr=1e-2)
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    grads = {}
+    losses = train(model, optimizer, range(SAVED_AT), rows, grads)
+    save_training_state(folder / "checkpoint", TrainingState(model, optimizer, progress={"step": SAVED_AT}))
+    losses += train(model, optimizer, range(SAVED_AT, STEPS), rows)
+    result = {
+        "losses": losses,
+        "grads": grads,
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "trained": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "with_state": sorted(n for n, p in model.named_parameters() if p in optimizer.state),
+        "frozen_grads": [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None],
+        "tied": tied and tied_pair(model),
+        "units": units,
+        "logits": logits_of(model, batch(STEPS, slice(None))),
+    }
+    export_trained(model, folder / "trained.safetensors")
+
+    resumed = shard_flamingo(build(), param_dtype=None)
+    optimizer = torch.optim.AdamW(resumed.flamingo_parameters(), lr=1e-2)
+    progress = {"step": 0}
+    load_training_state(folder / "checkpoint", TrainingState(resumed, optimizer, progress=progress))
+    result["resumed_losses"] = train(resumed, optimizer, range(progress["step"], STEPS), rows)
+    return result
+
+
+def tied_pair(model) -> bool:
+    """Whether the input embedding and the output projection are still one parameter."""
+    if isinstance(model, FlamingoPaLM):
+        return model.palm.to_logits.weight is model.palm.token_emb.weight
+    return model.lm.get_output_embeddings().weight is model.lm.get_input_embeddings().weight
+
+
+def logits_of(model, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, FlamingoPaLM):
+            return full(model(data["text"], data["images"]))
+        return full(model(data["text"], image_embeds=data["features"]).logits)
+
+
+def bf16_step(rank: int) -> dict:
+    """One step of FlamingoPaLM under the default policy: bfloat16 compute, float32 weights and gradients."""
+    model = shard_flamingo(build_palm())
+    data = batch(0, slice(rank * ROWS, (rank + 1) * ROWS))
+    loss = loss_of(model, data)
+    loss.backward()
+    result = {
+        "loss": loss.item(),
+        "weights": {p.dtype for p in model.parameters()},  # the sharded parameters, after backward
+        "grads": {p.grad.dtype for p in model.parameters() if p.grad is not None},
+    }
+    return {**result, "logits": logits_of(model, data).dtype}
+
+
+def worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, build in (("palm", build_palm), ("llama", build_llama)):
+            (Path(folder) / name).mkdir(exist_ok=True)
+            results[name] = sharded_run(build, rank, Path(folder) / name)
+        results["bf16"] = bf16_step(rank)
+        torch.save(results, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[list[dict], Path]:
+    folder = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)], folder
+
+
+@contextmanager
+def one_thread():
+    """Tiny matrices: a second torch thread only waits (seconds per step on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
+def reference(build) -> tuple[torch.nn.Module, dict, list[float]]:
+    """One process, the whole batch of every step."""
+    model = build()
+    if isinstance(model, FlamingoPaLM):
+        model.set_flamingo_mode(True)
+    optimizer = torch.optim.AdamW(model.flamingo_parameters(), lr=1e-2)
+    grads = {}
+    losses = train(model, optimizer, range(STEPS), slice(None), grads)
+    return model, grads, losses
+
+
+@pytest.mark.parametrize("name, build", [("palm", build_palm), ("llama", build_llama)])
+def test_fsdp2_losses_gradients_and_weights_equal_one_process(runs, name, build):
+    ranks, _ = runs
+    model, grads, losses = reference(build)
+    mean_losses = [sum(r[name]["losses"][i] for r in ranks) / WORLD for i in range(STEPS)]
+    torch.testing.assert_close(torch.tensor(mean_losses), torch.tensor(losses), rtol=RTOL, atol=ATOL)
+    for rank in ranks:
+        assert rank[name]["grads"].keys() == grads.keys()
+        for key, value in grads.items():
+            torch.testing.assert_close(rank[name]["grads"][key], value, rtol=RTOL, atol=ATOL, msg=key)
+        for key, value in model.named_parameters():
+            torch.testing.assert_close(rank[name]["params"][key], value.detach(), rtol=RTOL, atol=ATOL, msg=key)
+
+
+@pytest.mark.parametrize("name, build", [("palm", build_palm), ("llama", build_llama)])
+def test_only_flamingo_parameters_train_and_hold_optimizer_state(runs, name, build):
+    ranks, _ = runs
+    model = build()
+    trained = {id(p) for p in model.flamingo_parameters()}
+    expected = sorted(n for n, p in model.named_parameters() if id(p) in trained)
+    assert 0 < len(expected) < len(list(model.parameters()))
+    for rank in ranks:
+        assert rank[name]["trained"] == expected
+        # Optimizer state for exactly the parameters that had gradients, all of them trained ones (the
+        # video frame embeddings of FlamingoPaLM have none in an image-only run): none for the frozen shards.
+        assert rank[name]["with_state"] == sorted(rank[name]["grads"])
+        assert set(rank[name]["with_state"]) <= set(expected) and len(rank[name]["with_state"]) >= len(expected) - 1
+        assert rank[name]["frozen_grads"] == []
+        frozen = {n: p for n, p in model.named_parameters() if id(p) not in trained}
+        for key, value in frozen.items():  # the language model (and encoder) did not move
+            torch.testing.assert_close(rank[name]["params"][key], value.detach(), rtol=0, atol=0, msg=key)
+
+
+UNITS = {  # "" is the root: embeddings, final norm, output projection
+    "palm": [
+        *("", "gated_cross_attn.0", "gated_cross_attn.1", "img_encoder"),
+        *(f"palm.layers.{i}" for i in range(4)),
+        "perceiver_resampler",
+    ],
+    "llama": [
+        *("", "gated_cross_attn.0.attn", "gated_cross_attn.0.ff", "gated_cross_attn.1.attn", "gated_cross_attn.1.ff"),
+        *(f"lm.model.layers.{i}" for i in range(3)),
+        "perceiver_resampler",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ["palm", "llama"])
+def test_one_unit_per_layer_gated_block_and_resampler(runs, name):
+    ranks, _ = runs
+    assert ranks[0][name]["units"] == UNITS[name]
+
+
+def test_bf16_compute_keeps_float32_weights_and_gradients(runs):
+    ranks, _ = runs
+    for rank in ranks:
+        bf16 = rank["bf16"]
+        assert bf16["logits"] == torch.bfloat16  # the units computed in bfloat16
+        assert bf16["weights"] == {torch.float32} and bf16["grads"] == {torch.float32}
+        assert abs(bf16["loss"] - rank["palm"]["losses"][0]) < 0.05  # the float32 run's first loss
+        assert bf16["loss"] != rank["palm"]["losses"][0]
+
+
+@pytest.mark.parametrize("name", ["palm", "llama"])
+def test_the_tied_embedding_stays_one_parameter(runs, name):
+    ranks, _ = runs
+    assert all(rank[name]["tied"] for rank in ranks)
+
+
+@pytest.mark.parametrize("name", ["palm", "llama"])
+def test_resuming_from_a_distributed_checkpoint_equals_not_stopping(runs, name):
+    ranks, _ = runs
+    for rank in ranks:
+        assert rank[name]["resumed_losses"] == rank[name]["losses"][SAVED_AT:]  # exactly
+    assert ranks[0][name]["losses"] != ranks[1][name]["losses"]  # the ranks saw different rows
+
+
+@pytest.mark.parametrize("name, build", [("palm", build_palm), ("llama", build_llama)])
+@one_thread()
+def test_exported_weights_load_into_one_process(runs, name, build):
+    ranks, folder = runs
+    model = build().eval()
+    before = copy.deepcopy(dict(model.named_parameters()))
+    load_trained(model, folder / name / "trained.safetensors")
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    torch.testing.assert_close(
+        logits_of(model, batch(STEPS, slice(None))), ranks[0][name]["logits"], rtol=RTOL, atol=ATOL
+    )
+    with pytest.raises(ValueError, match="missing keys"):
+        load_trained(build_palm() if name == "llama" else build_llama(), folder / name / "trained.safetensors")
