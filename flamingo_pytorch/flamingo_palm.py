@@ -11,17 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch import generation
-from flamingo_pytorch._validation import check_count, check_ndim, check_same_device, check_tensor, check_time_mask
+from flamingo_pytorch._validation import check_count, check_ndim, check_same_device, check_time_mask
 from flamingo_pytorch.checkpointing import run_maybe_checkpointed
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.generation import GenerationState
 from flamingo_pytorch.palm import PaLM
 from flamingo_pytorch.perceiver import PerceiverResampler
 from flamingo_pytorch.sampling import SamplingSettings
+from flamingo_pytorch.vision import patch_features
 
 
 class FlamingoPaLM(nn.Module):
@@ -238,14 +238,7 @@ class FlamingoPaLM(nn.Module):
             raise ValueError(f"{name} need an img_encoder: pass img_encoder= to FlamingoPaLM, or pass image_embeds")
         leading = pixels.shape[:-3]  # (b, t) or (b, t, f)
         with torch.no_grad():
-            features = self.img_encoder(pixels.reshape(-1, *pixels.shape[-3:]))  # (b t [f], p, e)
-        check_tensor("img_encoder output", features)
-        if features.ndim == 2:
-            features = rearrange(features, "B e -> B 1 e")  # a pooled encoder gives one feature per image
-        if features.ndim != 3:
-            raise ValueError(
-                f"img_encoder must map (B, c, H, W) to (B, p, e) features, got shape {tuple(features.shape)}"
-            )
+            features = patch_features(self.img_encoder(pixels.reshape(-1, *pixels.shape[-3:])))  # (b t [f], p, e)
         return features.reshape(*leading, *features.shape[1:])
 
     def decode(

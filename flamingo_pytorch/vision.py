@@ -60,5 +60,6 @@ def patch_features(out) -> Tensor:
             raise ValueError(f"expected one (B, p, e) tensor in the encoder's output, got shapes {shapes}")
         out = tokens[0]
     if not isinstance(out, Tensor) or out.ndim not in (2, 3):
-        raise ValueError(f"the vision encoder must return (B, p, e) or (B, e) features, got {type(out).__name__}")
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the vision encoder must return (B, p, e) or (B, e) features, got {got}")
     return out[:, None] if out.ndim == 2 else out  # (B, e) -> (B, 1, e)

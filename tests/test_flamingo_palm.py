@@ -174,6 +174,32 @@ def test_encoder_of_pooled_features_is_accepted():
     assert model(prompt(), images()).shape == (2, 12, TINY["num_tokens"])
 
 
+class PooledAndTokens(nn.Module):
+    """An encoder returning (pooled, tokens), as open_clip's ViT does with output_tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = tiny_image_encoder()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.patches(images)
+        return tokens.mean(dim=1), tokens
+
+
+def test_encoder_outputs_are_read_as_flamingo_reads_them():
+    """The same patch features, whether the encoder returns them alone or beside a pooled vector."""
+    torch.manual_seed(0)
+    model = FlamingoPaLM(**TINY, img_encoder=PooledAndTokens())
+    open_gates(model)
+    text, pixels = prompt(), images()
+    with torch.no_grad():
+        features = model.img_encoder.patches(pixels.flatten(0, 1)).unflatten(0, (2, 2))  # (b, t, p, e)
+        assert torch.equal(model(text, pixels), model(text, image_embeds=features))
+    model.img_encoder = nn.Sequential(tiny_image_encoder(), nn.Unflatten(1, (2, 2)))  # (B, 2, 2, e): 4-d
+    with pytest.raises(ValueError, match=r"must return \(B, p, e\) or \(B, e\) features, got shape \(4, 2, 2, 32\)"):
+        model(text, pixels)
+
+
 def test_compiled_forward_matches_eager(tiny_model):
     open_gates(tiny_model)
     text, pixels = prompt(), images()
