@@ -7,7 +7,7 @@ episode, shows K images per class each followed by its name, then asks for a que
 
 (The image sits right before its name, with no filler words. With "<image> this is a dax ." or
 "this is a <image> dax ." the small language model's text-only stage stayed at chance for 1,000 to
-1,500 steps in each of four tries; without the filler it learns to copy within about 500 steps.)
+1,500 steps in eight tries; without the filler it learns to copy within about 500 steps.)
 
 The name means nothing outside its prompt, so the answer has to be read from the prompt. The
 language model's text-only version puts a symbol token, drawn afresh per episode and class, where
@@ -25,10 +25,8 @@ from torch import Tensor
 from word_tokenizer import WordTokenizer
 
 SEEN_CLASSES, NOVEL_CLASSES = tuple(range(7)), (7, 8, 9)
-NAMES = (
-    "dax wug blick fep toma zup kiki bouba glorp mib tufa pimo lorp nefa quib rasp "
-    "sorn tib vash yek zorb gade hune jibe"
-).split()
+NAMES = ["dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", "mib", "tufa", "pimo"]
+NAMES += ["lorp", "nefa", "quib", "rasp", "sorn", "tib", "vash", "yek", "zorb", "gade", "hune", "jibe"]
 NUM_SYMBOLS = 48  # the text-only stage's stand-ins for images
 SLOT, NAME_AT = 3, 1  # tokens per support item (<image> NAME .), and where the name sits among them
 SPLIT_SEED = 0  # the image split is the same for every training seed
@@ -86,7 +84,9 @@ def load_pools() -> dict[str, ImagePool]:
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError('the digits demo needs scikit-learn: pip install "flamingo-pytorch[examples]"') from error
+        raise ModuleNotFoundError(
+            'the digits demo needs scikit-learn: pip install "flamingo-pytorch[examples]"'
+        ) from error
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -133,7 +133,7 @@ def sample_episodes(
         order = [(way, k) for way in range(ways) for k in range(shots)]
         order = [order[i] for i in torch.randperm(len(order), generator=generator)] + [(query, shots)]
         text, symbol_text, mask, named = [], [], [], set()
-        for way, k in order:
+        for way, _ in order:
             text += [words["<image>"], names[way], words["."]]
             symbol_text += [symbols[way], names[way], words["."]]
             mask += [False, way in named, False]

@@ -63,12 +63,12 @@ def shown_images(episodes: Episodes, setting: str, foreign: Tensor) -> Tensor | 
 
 @torch.no_grad()
 def answer(model: nn.Module, episodes: Episodes, images: Tensor | None, batch: int = 250) -> Tensor:
-    """Greedy two-token answers (E, 2) to the episodes' prompts, ``batch`` episodes at a time."""
+    """Greedy one-token answers (E,) to the episodes' prompts (every name is one token), ``batch`` at a time."""
     prompt, out = prompt_of(episodes), []
     for start in range(0, len(prompt), batch):
         rows = slice(start, start + batch)
-        tokens = model.generate(prompt[rows], None if images is None else images[rows], max_new_tokens=2, temperature=0)
-        out.append(tokens[:, prompt.shape[1] :])
+        tokens = model.generate(prompt[rows], None if images is None else images[rows], max_new_tokens=1, temperature=0)
+        out.append(tokens[:, -1])
     return torch.cat(out)
 
 
@@ -77,16 +77,15 @@ def evaluate_setting(
 ) -> tuple[dict, Episodes, Tensor]:
     """Every setting of ``SETTINGS`` and the nearest-neighbour matcher on ``count`` fixed episodes.
 
-    -> the row of results, the episodes, and the model's answers (E, 2) with the real images.
+    -> the row of results, the episodes, and the model's answers (E,) with the real images.
     """
     generator = torch.Generator().manual_seed(EVAL_SEED + 1000 * ways + shots)
     episodes = sample_episodes(pool, count, ways, shots, generator, tokenizer)
     foreign = foreign_queries(episodes, others, generator)
-    target = torch.stack((episodes.answer, torch.full_like(episodes.answer, tokenizer.ids["."])), dim=1)  # (E, 2)
     row, answers = {"ways": ways, "shots": shots, "episodes": count, "chance": 1 / ways}, None
     for setting in SETTINGS:
         given = answer(model, episodes, shown_images(episodes, setting, foreign))
-        row[setting] = score((given == target).all(dim=1))
+        row[setting] = score(given == episodes.answer)
         answers = given if setting == "images" else answers
     nearest = nearest_neighbour_answers(model.img_encoder, episodes.images)  # (E,) support slots
     names = episodes.text[torch.arange(count), SLOT * nearest + NAME_AT]
@@ -100,7 +99,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for row in rows:
         cells = "".join(
-            f"{100 * row[c]['accuracy']:>9.1f} [{100 * row[c]['low']:4.1f},{100 * row[c]['high']:5.1f}]" for c in columns
+            f"{100 * row[c]['accuracy']:>9.1f} [{100 * row[c]['low']:4.1f},{100 * row[c]['high']:5.1f}]"
+            for c in columns
         )
         lines.append(f"{row['split']:<7}{row['ways']}-way {row['shots']}-shot{'':<3}{100 * row['chance']:>8.1f}{cells}")
     return "\n".join(lines)
@@ -108,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 def save_figure(path: Path, shown: list[tuple[str, Episodes, Tensor]], tokenizer: WordTokenizer) -> None:
     """A PNG with one row per episode: the support images under their names, then the query under the
-    model's answer (green right, red wrong). ``shown`` holds (title, episodes, answers (E, 2))."""
+    model's answer (green right, red wrong). ``shown`` holds (title, episodes, answers (E,))."""
     try:
         import matplotlib
 
@@ -130,9 +130,11 @@ def save_figure(path: Path, shown: list[tuple[str, Episodes, Tensor]], tokenizer
             if c < t - 1:
                 axis.set_title(tokenizer.words[int(episodes.text[e, SLOT * c + NAME_AT])], fontsize=9)
                 continue
-            said, truth = tokenizer.words[int(answers[e, 0])], tokenizer.words[int(episodes.answer[e])]
+            said, truth = tokenizer.words[int(answers[e])], tokenizer.words[int(episodes.answer[e])]
             right = said == truth
-            axis.set_title(f"? {said}" + ("" if right else f" (not {truth})"), fontsize=9, color="green" if right else "red")
+            axis.set_title(
+                f"? {said}" + ("" if right else f" (not {truth})"), fontsize=9, color="green" if right else "red"
+            )
         axes[r, 0].text(-0.6, 0.5, title, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=9)
     figure.suptitle("Support images under the names this prompt gave them; last: the query and the model's answer")
     figure.savefig(path, dpi=60, bbox_inches="tight")

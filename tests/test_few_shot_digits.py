@@ -48,7 +48,9 @@ def test_split_keeps_novel_digits_out_and_images_disjoint(pools):
     assert len(flat["train"] & flat["test"]) <= 3 and len(flat["val"] & flat["test"]) <= 3
     extended = with_transforms(pools["train"], ("identity", "rot90"))
     assert extended.classes() == list(range(14))
-    torch.testing.assert_close(extended.images[extended.labels == 3], pools["train"].images[pools["train"].labels == 1].rot90(1, dims=(-2, -1)))
+    torch.testing.assert_close(
+        extended.images[extended.labels == 3], pools["train"].images[pools["train"].labels == 1].rot90(1, dims=(-2, -1))
+    )
 
 
 def test_episode_text_names_each_class_consistently(pools):
@@ -118,9 +120,26 @@ def test_tiny_run_end_to_end_and_eval_only_reproduces_it(tmp_path):
             cell = row[column]
             assert 0 <= cell["low"] <= cell["accuracy"] <= cell["high"] <= 1
             assert round(cell["accuracy"] * 12) == pytest.approx(cell["accuracy"] * 12)
-    again = few_shot_digits.main(["--eval-only", "--checkpoint", str(checkpoint), "--episodes", "12", "--out", str(tmp_path / "eval")])
+    again = few_shot_digits.main(
+        ["--eval-only", "--checkpoint", str(checkpoint), "--episodes", "12", "--out", str(tmp_path / "eval")]
+    )
     assert again["rows"] == written["rows"]
     other = few_shot_digits.main(
-        ["--eval-only", "--checkpoint", str(checkpoint), "--episodes", "5", "--ways", "4", "--shots", "3", "--out", str(tmp_path / "e2")]
+        [
+            "--eval-only",
+            "--checkpoint",
+            str(checkpoint),
+            "--episodes",
+            "5",
+            "--ways",
+            "4",
+            "--shots",
+            "3",
+            "--out",
+            str(tmp_path / "e2"),
+        ]
     )
-    assert [(r["split"], r["ways"], r["shots"], r["episodes"]) for r in other["rows"]] == [("seen", 4, 3, 5), ("novel", 3, 3, 5)]
+    assert [(r["split"], r["ways"], r["shots"], r["episodes"]) for r in other["rows"]] == [
+        ("seen", 4, 3, 5),
+        ("novel", 3, 3, 5),
+    ]
