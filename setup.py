@@ -18,7 +18,7 @@ setup(
         "hf": ["transformers>=5.24"],
         "clip": ["open_clip_torch>=3"],
         "timm": ["timm>=1"],
-        "examples": ["tqdm", "matplotlib", "safetensors"],
+        "examples": ["tqdm", "matplotlib", "safetensors", "scikit-learn"],
         "data": ["webdataset", "Pillow", "numpy"],
         "test": ["pytest", "ruff"],
     },
