@@ -72,7 +72,7 @@ def worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # about 20 s on 2 shared CPU cores: two runs in two spawned processes
+# about 5 s on 2 CPU cores: two runs in two spawned processes
 def test_train_from_shards_with_fsdp2_resumes_exactly_and_exports(tmp_path):
     write_shards.main([str(tmp_path / "shards"), "--count", "32", "--images", "4", "--per-shard", "8"])
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
