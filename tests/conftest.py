@@ -87,3 +87,12 @@ def greedy_by_full_forward(model: FlamingoPaLM, text: torch.Tensor, steps: int =
         logits[:, TINY["media_token_id"]] = float("-inf")
         text = torch.cat((text, logits.argmax(dim=-1, keepdim=True)), dim=1)
     return text
+
+
+def fsdp2_available() -> bool:
+    """Whether this torch has the public FSDP2 API (``torch.distributed.fsdp.fully_shard``, torch 2.6+)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return torch.distributed.is_available()

@@ -18,12 +18,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, open_gates, tiny_image_encoder
+from conftest import TINY, fsdp2_available, open_gates, tiny_image_encoder
 
 from flamingo_pytorch import Flamingo, FlamingoPaLM
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+if not fsdp2_available():
+    pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch 2.6", allow_module_level=True)
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
 pytest.importorskip("safetensors")
 

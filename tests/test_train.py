@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import fsdp2_available
 
 pytest.importorskip("webdataset")
+if not fsdp2_available():
+    pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch 2.6", allow_module_level=True)
 pytest.importorskip("safetensors")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
