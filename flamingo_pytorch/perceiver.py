@@ -128,7 +128,7 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = latents + attn(media, latents)
             latents = latents + ff(latents)
-        return self.norm(latents).unflatten(0, (b, t))  # (b t, m, d) -> (b, t, m, d); unlike einops, fine with b = 0
+        return self.norm(latents.unflatten(0, (b, t)))  # (b t, m, d) -> (b, t, m, d); unlike einops, fine with b = 0
 
     def _add_frame_embeds(self, media: Tensor) -> Tensor:
         """Bring media to (b, t, p', d): add a time axis to 3-d input, fold video frames into p'."""
