@@ -1,6 +1,6 @@
 """Few-shot learning in context on real images: name handwritten digits from one example each.
 
-    python examples/few_shot_digits.py                                   # about 5.5 minutes on one CPU core
+    python examples/few_shot_digits.py                                   # about 7.5 minutes on one CPU core
     python examples/few_shot_digits.py --eval-only --checkpoint out_digits/few_shot_digits.safetensors \
         --ways 5 --shots 2
 
@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's modules sit next to this file
 
-from digits_encoder import ContrastiveHead, DigitsEncoder, augment, encoder_loss
+from digits_encoder import ContrastiveHead, DigitsEncoder, augment, encoder_loss, random_rotations
 from digits_episodes import (
     NOVEL_CLASSES,
     TRANSFORMS,
@@ -65,8 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out_digits"), help="folder for checkpoint, figure, results")
     parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--lm-steps", type=int, default=1500, help="at most; stops at 99%% text-only val accuracy")
-    parser.add_argument("--flamingo-steps", type=int, default=2500)
+    parser.add_argument("--flamingo-steps", type=int, default=4000)
+    parser.add_argument("--flamingo-lr", type=float, default=3e-3, help="stage 2's peak learning rate")
     parser.add_argument("--no-extra-classes", action="store_true", help="train on the 7 plain digits only")
+    parser.add_argument(
+        "--rotate-features", action="store_true", help="stage 2: a random rotation of the image features per episode"
+    )
     parser.add_argument("--ways", type=int, help="evaluate this N (default: 5-way seen, 3-way novel)")
     parser.add_argument("--shots", type=int, help="evaluate this K (default 1)")
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per setting")
@@ -81,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--ways must be >= 2 and --shots >= 1, got {args.ways} and {args.shots}")
     if (args.ways or 5) * (args.shots or 1) + 1 > MODEL["perceiver_num_time_embeds"]:
         parser.error(f"--ways x --shots + 1 must be at most {MODEL['perceiver_num_time_embeds']} images")
+    if args.flamingo_lr <= 0:
+        parser.error(f"--flamingo-lr must be > 0, got {args.flamingo_lr}")
     if args.eval_only and args.checkpoint is None:
         parser.error("--eval-only needs --checkpoint PATH")
     return args
@@ -174,7 +180,9 @@ def pretrain_language_model(model, pool, steps, generator, tokenizer) -> tuple[l
     return run_steps("1  language model", list(model.palm.parameters()), loss_fn, steps, schedule, 1e-3, check)
 
 
-def train_flamingo(model, pool, val_pool, steps, generator, tokenizer) -> tuple[list, list]:
+def train_flamingo(
+    model, pool, val_pool, steps, generator, tokenizer, rotate=False, lr=3e-3, batch=32
+) -> tuple[list, list]:
     """Stage 2: image episodes; only ``flamingo_parameters()`` train. The gates start at
     ``GATE_START`` and the images are augmented as in stage 1b (against memorising the training
     images). Keeps the state that answers most validation episodes (held-out images of the seen
@@ -188,9 +196,13 @@ def train_flamingo(model, pool, val_pool, steps, generator, tokenizer) -> tuple[
     best = {"score": -1.0, "state": None}
 
     def loss_fn():
-        episodes = random_episodes(pool, 32, generator, tokenizer)
+        episodes = random_episodes(pool, batch, generator, tokenizer)
         images = augment(episodes.images.flatten(0, 1), generator).view_as(episodes.images)  # (E, t, 1, 8, 8)
-        return model(episodes.text, images, labels=next_token_labels(episodes.text, episodes.loss_mask))
+        with torch.no_grad():
+            features = model.encode_pixels("images", images)  # (E, t, p, e)
+        if rotate:  # one random rotation of the feature channels per episode: only similarities carry over
+            features = features @ random_rotations(len(features), features.shape[-1], generator)[:, None]
+        return model(episodes.text, image_embeds=features, labels=next_token_labels(episodes.text, episodes.loss_mask))
 
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
@@ -201,7 +213,7 @@ def train_flamingo(model, pool, val_pool, steps, generator, tokenizer) -> tuple[
             best.update(score=accuracy, state={k: v.clone() for k, v in model.state_dict().items()})
         return accuracy, False
 
-    result = run_steps("2  flamingo", parameters, loss_fn, steps, schedule, 3e-3, check)
+    result = run_steps("2  flamingo", parameters, loss_fn, steps, schedule, lr, check)
     model.load_state_dict(best["state"])
     return result
 
@@ -217,7 +229,8 @@ def train(args: argparse.Namespace, pools: dict[str, ImagePool], tokenizer: Word
     log = {"encoder": pretrain_encoder(encoder, train_pool, args.encoder_steps, generator)}
     model = build_model(tokenizer, encoder)  # freezes the encoder
     log["lm"], log["lm_val"] = pretrain_language_model(model, train_pool, args.lm_steps, generator, tokenizer)
-    flamingo = train_flamingo(model, train_pool, pools["val"], args.flamingo_steps, generator, tokenizer)
+    stage2 = dict(rotate=args.rotate_features, lr=args.flamingo_lr)
+    flamingo = train_flamingo(model, train_pool, pools["val"], args.flamingo_steps, generator, tokenizer, **stage2)
     log["flamingo"], log["flamingo_val"] = flamingo
     log.update(train_seconds=time.perf_counter() - started, training_classes=len(train_pool.classes()))
     return model, log
