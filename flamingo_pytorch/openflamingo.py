@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.flamingo import Flamingo
+from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.vision import VisionEncoder
 
 END_OF_CHUNK_TOKEN, IMAGE_TOKEN = "<|endofchunk|>", "<image>"  # OpenFlamingo adds them in this order
 HEAD_WIDTH = 64  # dim_head of OpenFlamingo's gated blocks and resampler
@@ -97,18 +100,46 @@ def load_openflamingo(
         found = sorted({layers for layers, _ in gated})
         raise ValueError(f"want gated blocks under one lang_encoder.<layers>.<i>.gated_cross_attn_layer: {found}")
     layers_path, chosen = gated[0][0], [i for _, i in gated]
-    model = Flamingo(
+    config = sizes(state)
+    mapped, unknown = map_keys(state, layers_path, chosen)
+    check_against(expected_shapes(lm, vision_encoder, len(chosen), config), mapped, unknown, vision_encoder)
+    model = Flamingo(  # only now is lm wrapped: a checkpoint that does not fit leaves it as it was
         lm,
         media_token_id=media_token_id,
         vision_encoder=vision_encoder,
         layers=lm.get_submodule(layers_path),
         cross_attn_layers=chosen,
-        **sizes(state),
+        **config,
     ).eval()
-    mapped, unknown = map_keys(state, layers_path, chosen)
-    check_against(model, mapped, unknown)
-    model.load_state_dict(mapped, strict=False)
+    unexpected = model.load_state_dict(mapped, strict=False).unexpected_keys
+    if unexpected:  # expected_shapes and Flamingo disagree: a bug here, not in the checkpoint
+        raise RuntimeError(f"load_openflamingo built a model without the keys {unexpected}")
     return model
+
+
+def expected_shapes(lm: nn.Module, vision_encoder: nn.Module | None, blocks: int, config: dict) -> dict[str, tuple]:
+    """The shapes of our Flamingo's state dict, found without touching ``lm``: the language model's
+    own keys (wrapping keeps them), the encoder's, and the resampler and gated blocks built on the
+    meta device (no memory)."""
+    shapes = {f"lm.{key}": tuple(value.shape) for key, value in lm.state_dict().items()}
+    if vision_encoder is not None:
+        encoder = VisionEncoder(vision_encoder).state_dict()
+        shapes.update({f"vision_encoder.{key}": tuple(value.shape) for key, value in encoder.items()})
+    heads = dict(dim_head=config["dim_head"], heads=config["heads"])
+    with torch.device("meta"):
+        resampler = PerceiverResampler(
+            dim=config["media_dim"],
+            depth=config["perceiver_depth"],
+            num_latents=config["perceiver_num_latents"],
+            num_time_embeds=config["perceiver_num_time_embeds"],
+            **heads,
+        )
+        dim = lm.get_input_embeddings().embedding_dim
+        block = GatedCrossAttentionBlock(dim=dim, ff_mult=config["ff_mult"], media_dim=config["media_dim"], **heads)
+    shapes.update({f"perceiver_resampler.{key}": tuple(v.shape) for key, v in resampler.state_dict().items()})
+    for j in range(blocks):
+        shapes.update({f"gated_cross_attn.{j}.{key}": tuple(v.shape) for key, v in block.state_dict().items()})
+    return shapes
 
 
 def sizes(state: dict[str, Tensor]) -> dict:
@@ -176,22 +207,23 @@ def our_key(key: str, layers_path: str, block_of: dict[int, int]) -> str | None:
     return "lm." + key[len("lang_encoder.") :] if key.startswith("lang_encoder.") else None
 
 
-def check_against(model: Flamingo, mapped: dict[str, Tensor], unknown: list[str]) -> None:
+def check_against(
+    expected: dict[str, tuple], mapped: dict[str, Tensor], unknown: list[str], vision_encoder: nn.Module | None
+) -> None:
     """Raise ValueError unless every key has a place of the same shape and every trained tensor is given."""
-    expected = model.state_dict()
     unknown = unknown + sorted(key for key in mapped if key not in expected)
     trained = [k for k in expected if k.startswith(("perceiver_resampler.", "gated_cross_attn."))]
     missing = sorted(k for k in trained if k not in mapped)
     misshaped = sorted(
-        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}"
         for k, v in mapped.items()
-        if k in expected and v.shape != expected[k].shape
+        if k in expected and tuple(v.shape) != expected[k]
     )
     if unknown or missing or misshaped:
         hint = ""
         if any("embed" in entry or "wte" in entry for entry in misshaped):
             hint = " (embedding rows differ: add the tokens first with add_openflamingo_tokens(tokenizer, lm))"
-        if any(key.startswith("vision_encoder.") for key in unknown) and model.vision_encoder is None:
+        if any(key.startswith("vision_encoder.") for key in unknown) and vision_encoder is None:
             hint += " (the checkpoint holds vision encoder weights: pass vision_encoder=)"
         raise ValueError(
             f"cannot load the OpenFlamingo checkpoint: unknown keys {unknown}, missing keys {missing}, "

@@ -129,22 +129,32 @@ def test_safetensors_and_refusing_pickled_objects(tmp_path):
         load_openflamingo(unsafe, lm, media_token_id=MEDIA, vision_encoder=clip)
 
 
-def test_unknown_missing_and_misshaped_keys_are_listed():
+def test_unknown_missing_and_misshaped_keys_are_listed_and_the_model_is_left_as_it_was():
     theirs, lm, clip = build_theirs("llama", 1)
+    before = {name: p.detach().clone() for name, p in lm.named_parameters()}
     state = released(theirs)
     bad = {**state, "lang_encoder.mystery.weight": torch.zeros(2)}
     del bad["perceiver.norm.weight"]
     bad["lang_encoder.model.embed_tokens.weight"] = torch.zeros(VOCAB + 3, lm.config.hidden_size)
     with pytest.raises(ValueError) as error:
-        load_openflamingo(bad, copy.deepcopy(lm), media_token_id=MEDIA, vision_encoder=clip)
+        load_openflamingo(bad, lm, media_token_id=MEDIA, vision_encoder=clip)
     message = str(error.value)
     assert "lm.mystery.weight" in message and "perceiver_resampler.norm.weight" in message
     assert "lm.model.embed_tokens.weight: checkpoint (67, 32), model (64, 32)" in message
     assert "add_openflamingo_tokens" in message
     with pytest.raises(ValueError, match="pass vision_encoder="):
-        load_openflamingo(state, copy.deepcopy(lm), media_token_id=MEDIA)
+        load_openflamingo(state, lm, media_token_id=MEDIA)
     with pytest.raises(ValueError, match="video checkpoints"):
         load_openflamingo({**state, "perceiver.frame_embs": torch.zeros(2, 48)}, lm, media_token_id=MEDIA)
+    # nothing was wrapped, frozen or copied: the same LM then loads the good checkpoint
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in lm.model.layers)
+    assert all(p.requires_grad and torch.equal(p, before[name]) for name, p in lm.named_parameters())
+    ours = load_openflamingo(state, lm, media_token_id=MEDIA, vision_encoder=clip)
+    text, mask, images = batch()
+    with torch.no_grad():
+        got = ours(text, images, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max() <= 1e-5
 
 
 def attention_outputs(blocks) -> list[torch.Tensor]:
