@@ -31,34 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import open_clip
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from openflamingo_sizes import COUNTS, END_OF_CHUNK, MEDIA, language_model, prompts, vision_encoder
 
 from flamingo_pytorch import Flamingo
 from flamingo_pytorch.fusion import MediaState
 from flamingo_pytorch.openflamingo import load_openflamingo
-
-MEDIA, END_OF_CHUNK, COUNTS = 3, 4, (1, 4, 8)
-
-
-def language_model(args: argparse.Namespace) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=args.dim,
-        intermediate_size=4 * args.dim,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
-    return LlamaForCausalLM(config)
-
-
-def vision_encoder(args: argparse.Namespace) -> open_clip.CLIP:
-    vision = open_clip.CLIPVisionCfg(layers=1, width=args.dim, head_width=64, image_size=224, patch_size=14)
-    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=64, heads=1, layers=1)
-    return open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
 
 
 def build(args: argparse.Namespace, checkpoint: Path | None) -> Flamingo:
@@ -71,16 +49,6 @@ def build(args: argparse.Namespace, checkpoint: Path | None) -> Flamingo:
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
     return model
-
-
-def prompts(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """Random prompts with 1, 4 or 8 images in their first half, and the images (b, t, c, H, W)."""
-    inputs = {}
-    for count in COUNTS:
-        text = torch.randint(5, 1000, (1, args.prompt))
-        text[0, torch.linspace(0, args.prompt // 2, count + 1)[:-1].long()] = MEDIA
-        inputs[f"text_{count}"], inputs[f"images_{count}"] = text, torch.randn(1, count, 3, 224, 224)
-    return inputs
 
 
 def generate(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> torch.Tensor:

@@ -25,32 +25,17 @@ import statistics
 import time
 from pathlib import Path
 
-import open_clip
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.utils import extend_instance
-from transformers import LlamaConfig, LlamaForCausalLM
-
-MEDIA, END_OF_CHUNK = 3, 4
+from openflamingo_sizes import COUNTS, END_OF_CHUNK, MEDIA, language_model, prompts, vision_encoder
 
 
 def build(args: argparse.Namespace) -> Flamingo:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=args.dim,
-        intermediate_size=4 * args.dim,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
-    lm = LlamaForCausalLM(config)
+    lm, clip = language_model(args), vision_encoder(args)
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name("model.layers")
-    vision = open_clip.CLIPVisionCfg(layers=1, width=args.dim, head_width=64, image_size=224, patch_size=14)
-    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=64, heads=1, layers=1)
-    clip = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
     clip.visual.output_tokens = True  # patch tokens, as OpenFlamingo's factory sets it
     model = Flamingo(clip, lm, END_OF_CHUNK, MEDIA, vis_dim=args.dim, cross_attn_every_n_layers=1).eval()
     with torch.no_grad():
@@ -62,16 +47,7 @@ def build(args: argparse.Namespace) -> Flamingo:
 
 def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int) -> float:
     start = time.perf_counter()
-    model.generate(
-        vision_x=images,
-        lang_x=text,
-        attention_mask=torch.ones_like(text),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        num_beams=1,
-        pad_token_id=0,
-        suppress_tokens=[MEDIA],
-    )
+    generated(model, text, images, new)
     return time.perf_counter() - start
 
 
@@ -82,12 +58,9 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, help="write checkpoint.pt and inputs.pt here")
     args = parser.parse_args()
     model = build(args)
-    rows, inputs = [], {}
-    for count in (1, 4, 8):
-        text = torch.randint(5, 1000, (1, args.prompt))
-        text[0, torch.linspace(0, args.prompt // 2, count + 1)[:-1].long()] = MEDIA
-        images = torch.randn(1, count, 1, 3, 224, 224)  # (b, t, frames, c, H, W)
-        inputs[f"text_{count}"], inputs[f"images_{count}"] = text, images[:, :, 0]
+    rows, inputs = [], prompts(args)
+    for count in COUNTS:
+        text, images = inputs[f"text_{count}"], inputs[f"images_{count}"][:, :, None]  # (b, t, frames, c, H, W)
         tokens = generated(model, text, images, args.new)
         seconds(model, text, images, 2)  # warm-up
         long = statistics.median(seconds(model, text, images, args.new + 1) for _ in range(args.reps))

@@ -85,6 +85,15 @@ def their_logits(theirs, text, mask, images):
         return theirs(vision_x=images[:, :, None], lang_x=text, attention_mask=mask).logits
 
 
+def largest_difference(ours, theirs) -> torch.Tensor:
+    """The largest |logit difference| between the two models on ``batch()``, over its real (unpadded) tokens."""
+    text, mask, images = batch()
+    with torch.no_grad():
+        got = ours(text, images, attention_mask=mask).logits
+    real = mask.bool()
+    return (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max()
+
+
 CASES = [("mpt", 1), ("gpt_neox", 2), ("llama", 1), ("llama", 2)]
 
 
@@ -93,13 +102,12 @@ def test_same_logits_as_openflamingo_from_its_whole_state_dict(family, every):
     theirs, lm, clip = build_theirs(family, every)
     ours = load_openflamingo(theirs.state_dict(), lm, media_token_id=MEDIA, vision_encoder=clip)
     assert ours.cross_attn_layers == list(range(every - 1, 3, every))
+    assert largest_difference(ours, theirs) <= 1e-5
     text, mask, images = batch()
-    with torch.no_grad():
-        got = ours(text, images, attention_mask=mask).logits
-    want = their_logits(theirs, text, mask, images)
     real = mask.bool()
-    assert (got[real] - want[real]).abs().max() <= 1e-5
-    assert (want[real] - lm(input_ids=text, attention_mask=mask).logits[real]).abs().max() > 1e-2  # images matter
+    with torch.no_grad():
+        without_images = lm(input_ids=text, attention_mask=mask).logits[real]
+    assert (their_logits(theirs, text, mask, images)[real] - without_images).abs().max() > 1e-2  # images matter
 
 
 @pytest.mark.parametrize(("family", "every"), CASES[:2])
@@ -108,11 +116,7 @@ def test_a_released_checkpoint_file_loads_with_weights_only(family, every, tmp_p
     path = tmp_path / "checkpoint.pt"
     torch.save(released(theirs), path)
     ours = load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
-    text, mask, images = batch()
-    with torch.no_grad():
-        got = ours(text, images, attention_mask=mask).logits
-    real = mask.bool()
-    assert (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max() <= 1e-5
+    assert largest_difference(ours, theirs) <= 1e-5
 
 
 def test_safetensors_and_refusing_pickled_objects(tmp_path):
@@ -150,11 +154,7 @@ def test_unknown_missing_and_misshaped_keys_are_listed_and_the_model_is_left_as_
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in lm.model.layers)
     assert all(p.requires_grad and torch.equal(p, before[name]) for name, p in lm.named_parameters())
     ours = load_openflamingo(state, lm, media_token_id=MEDIA, vision_encoder=clip)
-    text, mask, images = batch()
-    with torch.no_grad():
-        got = ours(text, images, attention_mask=mask).logits
-    real = mask.bool()
-    assert (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max() <= 1e-5
+    assert largest_difference(ours, theirs) <= 1e-5
 
 
 def attention_outputs(blocks) -> list[torch.Tensor]:
