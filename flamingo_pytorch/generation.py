@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_count, check_same_device, check_shape
+from flamingo_pytorch.cross_attention import media_index
 from flamingo_pytorch.palm import KVCache
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
@@ -177,7 +178,7 @@ def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, atten
     state.tokens[:, start:end], state.valid[:, start:end] = text, real
     positions = state.positions[:, None] + real.cumsum(dim=-1) - 1  # (b, n), 0 at each row's first real token
     is_media = (text == model.media_token_id) & real  # (b, n)
-    index = state.media_count[:, None] + is_media.cumsum(dim=-1)  # (b, n)
+    index = state.media_count[:, None] + media_index(is_media)  # (b, n)
     x = palm.token_emb(text)  # (b, n, d)
     cos, sin = palm.rotary(positions.clamp(min=0), x.dtype)  # (b, 1, n, k) each
     mask = self_attention_mask(state.valid[:, :end], start)  # (b, 1, n, j)
