@@ -76,13 +76,6 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return (warped + 0.05 * torch.randn(warped.shape, generator=generator)).clamp(0, 1)
 
 
-def random_rotations(count: int, dim: int, generator: torch.Generator) -> Tensor:
-    """``count`` random orthogonal matrices (count, dim, dim), uniform over rotations and reflections
-    (QR of Gaussian matrices, each column's sign fixed by R's diagonal)."""
-    q, r = torch.linalg.qr(torch.randn(count, dim, dim, generator=generator))
-    return q * torch.diagonal(r, dim1=-2, dim2=-1).sign()[:, None, :]
-
-
 def contrastive_loss(embeddings: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
     """Supervised-contrastive loss over unit embeddings (B, k); same label = positive pair."""
     similarity = embeddings @ embeddings.T / temperature  # (B, B)

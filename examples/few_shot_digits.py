@@ -6,8 +6,8 @@
 
 Each prompt gives N digit classes made-up names drawn afresh (see digits_episodes.py), so a frozen
 model must pick up the naming from the prompt. The recipe in miniature:
-  1b. pretrain a small CNN encoder on the seen digits 0-6, each also turned and inverted as classes
-      of its own (42 classes), with a supervised- plus instance-contrastive loss; freeze it;
+  1b. pretrain a small CNN encoder on the seen digits 0-6 with a supervised- plus instance-contrastive
+      loss; freeze it;
   1.  pretrain the PaLM on the text-only task (a symbol token where each image would be), with a
       slow one-cycle warm-up, stopped on text-only validation accuracy; freeze it;
   2.  train only the Perceiver Resampler and gated blocks (``flamingo_parameters()``) on image
@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's modules sit next to this file
 
-from digits_encoder import ContrastiveHead, DigitsEncoder, augment, encoder_loss, random_rotations
+from digits_encoder import ContrastiveHead, DigitsEncoder, augment, encoder_loss
 from digits_episodes import (
     NOVEL_CLASSES,
     TRANSFORMS,
@@ -67,9 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm-steps", type=int, default=1500, help="at most; stops at 99%% text-only val accuracy")
     parser.add_argument("--flamingo-steps", type=int, default=4000)
     parser.add_argument("--flamingo-lr", type=float, default=3e-3, help="stage 2's peak learning rate")
-    parser.add_argument("--no-extra-classes", action="store_true", help="train on the 7 plain digits only")
     parser.add_argument(
-        "--rotate-features", action="store_true", help="stage 2: a random rotation of the image features per episode"
+        "--extra-classes", action="store_true", help="also train on turned and inverted digits, as 35 classes more"
     )
     parser.add_argument("--ways", type=int, help="evaluate this N (default: 5-way seen, 3-way novel)")
     parser.add_argument("--shots", type=int, help="evaluate this K (default 1)")
@@ -180,9 +179,7 @@ def pretrain_language_model(model, pool, steps, generator, tokenizer) -> tuple[l
     return run_steps("1  language model", list(model.palm.parameters()), loss_fn, steps, schedule, 1e-3, check)
 
 
-def train_flamingo(
-    model, pool, val_pool, steps, generator, tokenizer, rotate=False, lr=3e-3, batch=32
-) -> tuple[list, list]:
+def train_flamingo(model, pool, val_pool, steps, generator, tokenizer, lr=3e-3, batch=32) -> tuple[list, list]:
     """Stage 2: image episodes; only ``flamingo_parameters()`` train. The gates start at
     ``GATE_START`` and the images are augmented as in stage 1b (against memorising the training
     images). Keeps the state that answers most validation episodes (held-out images of the seen
@@ -200,8 +197,6 @@ def train_flamingo(
         images = augment(episodes.images.flatten(0, 1), generator).view_as(episodes.images)  # (E, t, 1, 8, 8)
         with torch.no_grad():
             features = model.encode_pixels("images", images)  # (E, t, p, e)
-        if rotate:  # one random rotation of the feature channels per episode: only similarities carry over
-            features = features @ random_rotations(len(features), features.shape[-1], generator)[:, None]
         return model(episodes.text, image_embeds=features, labels=next_token_labels(episodes.text, episodes.loss_mask))
 
     def schedule(optimizer):
@@ -222,15 +217,16 @@ def train(args: argparse.Namespace, pools: dict[str, ImagePool], tokenizer: Word
     """The three stages; -> the trained model and what training recorded."""
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    transforms = TRANSFORMS[:1] if args.no_extra_classes else TRANSFORMS
+    transforms = TRANSFORMS if args.extra_classes else TRANSFORMS[:1]
     train_pool = with_transforms(pools["train"], transforms)
     started = time.perf_counter()
     encoder = DigitsEncoder(dim=MODEL["media_dim"])
     log = {"encoder": pretrain_encoder(encoder, train_pool, args.encoder_steps, generator)}
     model = build_model(tokenizer, encoder)  # freezes the encoder
     log["lm"], log["lm_val"] = pretrain_language_model(model, train_pool, args.lm_steps, generator, tokenizer)
-    stage2 = dict(rotate=args.rotate_features, lr=args.flamingo_lr)
-    flamingo = train_flamingo(model, train_pool, pools["val"], args.flamingo_steps, generator, tokenizer, **stage2)
+    flamingo = train_flamingo(
+        model, train_pool, pools["val"], args.flamingo_steps, generator, tokenizer, lr=args.flamingo_lr
+    )
     log["flamingo"], log["flamingo_val"] = flamingo
     log.update(train_seconds=time.perf_counter() - started, training_classes=len(train_pool.classes()))
     return model, log

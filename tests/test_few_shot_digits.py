@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import few_shot_digits  # noqa: E402
-from digits_encoder import DigitsEncoder, nearest_neighbour_answers, random_rotations  # noqa: E402
+from digits_encoder import DigitsEncoder, nearest_neighbour_answers  # noqa: E402
 from digits_episodes import (  # noqa: E402
     NAME_AT,
     NAMES,
@@ -143,16 +143,3 @@ def test_tiny_run_end_to_end_and_eval_only_reproduces_it(tmp_path):
         ("seen", 4, 3, 5),
         ("novel", 3, 3, 5),
     ]
-
-
-def test_random_rotations_are_orthogonal_and_keep_the_nearest_neighbour():
-    generator = torch.Generator().manual_seed(0)
-    rotations = random_rotations(6, 16, generator)  # (6, 16, 16)
-    eye = torch.eye(16).expand(6, 16, 16)
-    torch.testing.assert_close(rotations.transpose(1, 2) @ rotations, eye, atol=1e-5, rtol=0)
-    assert not torch.allclose(rotations[0], rotations[1], atol=1e-2)  # a different one per episode
-    features = torch.randn(6, 4, 16, generator=generator)  # (E, t, e)
-    turned = features @ rotations
-    similarity = torch.einsum("E t e, E e -> E t", features[:, :-1], features[:, -1])
-    turned_similarity = torch.einsum("E t e, E e -> E t", turned[:, :-1], turned[:, -1])
-    torch.testing.assert_close(turned_similarity, similarity, atol=1e-4, rtol=0)
