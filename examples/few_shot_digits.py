@@ -1,6 +1,6 @@
 """Few-shot learning in context on real images: name handwritten digits from one example each.
 
-    python examples/few_shot_digits.py                                   # about 7.5 minutes on one CPU core
+    python examples/few_shot_digits.py                                   # about 8 minutes on one CPU core
     python examples/few_shot_digits.py --eval-only --checkpoint out_digits/few_shot_digits.safetensors \
         --ways 5 --shots 2
 
