@@ -2,7 +2,7 @@
 per gated block, against re-projecting every image's keys and values at every step (what
 OpenFlamingo and IDEFICS do), and against OpenFlamingo's own ``generate`` on the same weights.
 
-    python benchmarks/hf_generation.py [--layers 4] [--dim 512] [--prompt 512] [--new 32] [--reps 3]
+    python benchmarks/hf_generation.py [--layers 4] [--dim 512] [--prompt 512] [--new 32] [--reps 3] [--threads N]
     python benchmarks/hf_generation.py --openflamingo-python /tmp/venvof/bin/python   # and OpenFlamingo's generate
 
 A random Llama (4 layers, width 512, 8 heads, vocabulary 1000), a gated block before every layer,
@@ -10,7 +10,9 @@ a 6-layer Perceiver with 64 latents per image, a one-layer open_clip ViT (256 pa
 224 x 224 image), prompts of 512 tokens holding 1, 4 or 8 images, greedy decoding, batch 1, CPU
 float32. The time per generated token is (time to generate ``--new`` + 1 tokens - time to generate
 1 token) / ``--new``: the prefill (and the images' encoding) cancels out. Medians over ``--reps``
-runs of each.
+runs of each; the runs of the two routes of ours alternate, so that a change in the machine's load
+(a shared machine) hits both alike. ``--threads N`` sets torch's threads on both sides (0: torch's
+default).
 
 With ``--openflamingo-python`` (a Python with OpenFlamingo and transformers 4.33: see
 openflamingo_generation.py) OpenFlamingo builds the model first, in a separate process, times its
@@ -63,11 +65,21 @@ def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int)
     return time.perf_counter() - start
 
 
-def per_token(model: Flamingo, text: torch.Tensor, images: torch.Tensor, args: argparse.Namespace) -> float:
-    seconds(model, text, images, 2)  # warm-up
-    long = statistics.median(seconds(model, text, images, args.new + 1) for _ in range(args.reps))
-    short = statistics.median(seconds(model, text, images, 1) for _ in range(args.reps))
-    return (long - short) / args.new
+def per_token(model: Flamingo, text: torch.Tensor, images: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per generated token with the media keys/values projected once and projected again at
+    every step (``MediaState.keys_values`` without its cache), the two routes' runs alternating."""
+    routes = {"once_s": project_once_original, "every_step_s": reproject_every_step}
+    runs = {(route, new): [] for route in routes for new in (args.new + 1, 1)}
+    try:
+        for _ in range(args.reps + 1):  # the first round warms up
+            for route, keys_values in routes.items():
+                MediaState.keys_values = keys_values
+                for new in (args.new + 1, 1):
+                    runs[route, new].append(seconds(model, text, images, new))
+    finally:
+        MediaState.keys_values = project_once_original
+    median = {key: statistics.median(times[1:]) for key, times in runs.items()}
+    return {route: (median[route, args.new + 1] - median[route, 1]) / args.new for route in routes}
 
 
 def main() -> None:
@@ -95,6 +107,7 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results" / "hf_generation.json"
     out.parent.mkdir(exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    machine["threads"] = torch.get_num_threads()
     out.write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
@@ -102,12 +115,7 @@ def main() -> None:
 def measure(model: Flamingo, inputs: dict, count: int, args: argparse.Namespace, theirs: dict | None) -> dict:
     """One row: ours with media projected once, ours re-projecting at every step, OpenFlamingo's."""
     text, images = inputs[f"text_{count}"], inputs[f"images_{count}"]
-    row = {"images": count, "once_s": per_token(model, text, images, args)}
-    MediaState.keys_values = reproject_every_step
-    try:
-        row["every_step_s"] = per_token(model, text, images, args)
-    finally:
-        MediaState.keys_values = project_once_original
+    row = {"images": count, **per_token(model, text, images, args)}
     row["speedup"] = row["every_step_s"] / row["once_s"]
     if theirs is not None:
         their = next(r for r in theirs["rows"] if r["images"] == count)
@@ -121,7 +129,7 @@ def measure(model: Flamingo, inputs: dict, count: int, args: argparse.Namespace,
 def run_openflamingo(args: argparse.Namespace, folder: Path) -> dict:
     """Run openflamingo_generation.py in OpenFlamingo's own Python: its times, tokens, weights and inputs."""
     script = Path(__file__).resolve().parent / "openflamingo_generation.py"
-    sizes = [f"--{name}={getattr(args, name)}" for name in ("layers", "dim", "prompt", "new", "reps")]
+    sizes = [f"--{name}={getattr(args, name)}" for name in ("layers", "dim", "prompt", "new", "reps", "threads")]
     command = [args.openflamingo_python, str(script), *sizes, f"--save={folder}"]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

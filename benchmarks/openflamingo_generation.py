@@ -53,10 +53,12 @@ def seconds(model: Flamingo, text: torch.Tensor, images: torch.Tensor, new: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("layers", 4), ("dim", 512), ("prompt", 512), ("new", 32), ("reps", 3)):
+    for name, default in (("layers", 4), ("dim", 512), ("prompt", 512), ("new", 32), ("reps", 3), ("threads", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--save", type=Path, default=None, help="write checkpoint.pt and inputs.pt here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args)
     rows, inputs = [], prompts(args)
     for count in COUNTS:

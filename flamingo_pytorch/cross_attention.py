@@ -28,7 +28,7 @@ from flamingo_pytorch._validation import (
     check_time_mask,
 )
 from flamingo_pytorch.feed_forward import FeedForward
-from flamingo_pytorch.immediate_media import attend_immediate
+from flamingo_pytorch.immediate_media import ImmediateLayout, attend_immediate, immediate_layout
 
 
 def media_index(media_locations: Tensor) -> Tensor:
@@ -146,17 +146,28 @@ class MaskedCrossAttention(nn.Module):
         split_heads = "b t m (h k) -> b h t m k"
         return rearrange(k, split_heads, h=self.heads), rearrange(v, split_heads, h=self.heads)
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor | None, time_mask: Tensor | None) -> Tensor:
+    def attend(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        index: Tensor | None,
+        time_mask: Tensor | None,
+        layout: ImmediateLayout | None = None,
+    ) -> Tensor:
         """x (b, n, d) reads projected media k, v (b, h, t, m, k); index (b, n) as in ``media_index``.
 
         ``index`` must not decrease along n (a running count does not). In immediate mode each token
         is scored against its own item only (``immediate_media.attend_immediate``), so the cost does
-        not grow with t.
+        not grow with t. ``layout``: ``immediate_layout`` of this index and time mask over these t
+        items, when the caller has it already (the gated blocks of one forward share it).
         """
         q = self.to_q(self.norm(x))  # (b, n, h k)
         k, v = k.to(q.dtype), v.to(q.dtype)  # keys cached under autocast may be read outside it, and vice versa
-        if self.only_attend_immediate_media and index is not None and k.shape[2] > 0 and x.shape[0] * x.shape[1] > 0:
-            out = attend_immediate(q, k, v, index, time_mask)  # (b, n, h k)
+        if self.only_attend_immediate_media and index is not None and layout is None:
+            layout = immediate_layout(index, time_mask, num_media=k.shape[2], num_latents=k.shape[3])
+        if self.only_attend_immediate_media and layout is not None:
+            out = attend_immediate(q, k, v, layout)  # (b, n, h k)
         else:
             out = self.attend_dense(q, k, v, index, time_mask)
         return self.to_out(out)
@@ -230,13 +241,22 @@ class GatedCrossAttentionBlock(nn.Module):
         """Same arguments as ``MaskedCrossAttention.forward``; returns (b, n, d)."""
         return self.gated_ff(x + self.attn_gate.tanh() * self.attn(x, media, media_locations, time_mask))
 
-    def forward_projected(self, x: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+    def forward_projected(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        index: Tensor,
+        time_mask: Tensor | None,
+        layout: ImmediateLayout | None = None,
+    ) -> Tensor:
         """The block on media keys and values already projected by ``attn.project_media``, (b, h, t, m, k).
 
         ``index`` (b, n) is each token's media index (see ``media_index``); decoding passes it
-        explicitly so that new tokens continue the count of the tokens before them.
+        explicitly so that new tokens continue the count of the tokens before them. ``layout``: see
+        ``MaskedCrossAttention.attend``.
         """
-        return self.gated_ff(x + self.attn_gate.tanh() * self.attn.attend(x, k, v, index, time_mask))
+        return self.gated_ff(x + self.attn_gate.tanh() * self.attn.attend(x, k, v, index, time_mask, layout))
 
     def gated_ff(self, x: Tensor) -> Tensor:
         """x (b, n, d) plus the tanh-gated feed-forward of x. (The cross-attention output is added by

@@ -250,7 +250,7 @@ class Flamingo(nn.Module):
         if counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since the count was taken
             counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
         index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
-        self.state.index = index
+        self.state.start_forward(index)
         self.state.counts = index[:, -1] if index.shape[1] else counts
 
     def encode_media(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch import cross_attention
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+from flamingo_pytorch.immediate_media import ImmediateLayout, immediate_layout
 
 
 @dataclass
@@ -37,6 +38,7 @@ class MediaState:
         index: (b, n) long, the media index of each token of the current forward (set per call).
         counts: (b,) long, media tokens seen before the current forward (for cached decoding).
         projected: per gated block, its keys and values of the media (b, h, t, m, k), made once.
+        layout: the current forward's ``immediate_layout``, made by the first block that reads it.
     """
 
     media: Tensor | None = None
@@ -44,10 +46,15 @@ class MediaState:
     index: Tensor | None = None
     counts: Tensor | None = None
     projected: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    layout: ImmediateLayout | None = None
 
     def clear(self) -> None:
-        self.media = self.time_mask = self.index = self.counts = None
+        self.media = self.time_mask = self.index = self.counts = self.layout = None
         self.projected = {}
+
+    def start_forward(self, index: Tensor) -> None:
+        """A new forward of the language model, whose tokens have media index ``index`` (b, n)."""
+        self.index, self.layout = index, None
 
     def keys_values(self, block: GatedCrossAttentionBlock, rows: int) -> tuple[Tensor, Tensor]:
         """The block's media keys and values, projected on first use and repeated to ``rows`` rows
@@ -64,6 +71,13 @@ class MediaState:
                 self.media = media
             self.projected[key] = block.attn.project_media(media)  # (b, h, t, m, k) each
         return self.projected[key]
+
+    def immediate_layout(self, k: Tensor) -> ImmediateLayout | None:
+        """The ``immediate_layout`` of this forward's tokens over media keys k (b, h, t, m, k). Every block
+        reads the same media items, so the first block works it out and the others reuse it."""
+        if self.layout is None and self.index is not None:
+            self.layout = immediate_layout(self.index, self.time_mask, num_media=k.shape[2], num_latents=k.shape[3])
+        return self.layout
 
 
 class FusionLayer(nn.Module):
@@ -99,9 +113,10 @@ class FusionLayer(nn.Module):
 
     def read_media(self, x: Tensor) -> Tensor:
         """x (b, n, d) -> x with the gated block's cross-attention and feed-forward added."""
-        state = self.state
-        k, v = state.keys_values(self.block, x.shape[0])
-        return self.block.forward_projected(x, k, v, state.index, state.time_mask)
+        state, block = self.state, self.block
+        k, v = state.keys_values(block, x.shape[0])
+        layout = state.immediate_layout(k) if block.attn.only_attend_immediate_media else None
+        return block.forward_projected(x, k, v, state.index, state.time_mask, layout)
 
     def __getattr__(self, name: str):
         try:

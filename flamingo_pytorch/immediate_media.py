@@ -13,12 +13,18 @@ token against its own item's m latents only, so the work does not grow with t:
     n <= t (decoding)    gather each token's item                    ``attend_per_token``
     otherwise            lay the text out in chunks of one item each  ``attend_by_chunks``
 
+Which path, and which rows each token uses, follows from the media index alone (not from the keys
+and values): ``immediate_layout`` works it out, so that the gated blocks of one forward, which all
+read the same media, share one ``ImmediateLayout``. Row indices in it are flat, with the batch folded
+in (a row of the (b t) items, of the (b n) tokens).
+
 Tokens that read nothing (index 0, index > t, or a padded item) give exactly zero.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +32,70 @@ from einops import rearrange
 from torch import Tensor
 
 
-def attend_immediate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
-    """q (b, n, h k) reads only its own item of k, v (b, h, t, m, k) -> (b, n, h k); needs t > 0.
+@dataclass(frozen=True)
+class ImmediateLayout:
+    """Which keys, values and rows each token uses in ``attend_immediate``.
 
-    ``index`` (b, n) is each token's non-decreasing media index, ``time_mask`` (b, t) bool or None.
+    Attributes:
+        skip: (b, n, 1) bool, True for tokens that read nothing (their output is set to zero).
+        token_item: (b n,) long, each token's item as a row of the (b t) items: the per-token path
+            (1 < t, n <= t); else None.
+        chunk: c, tokens per chunk: the chunk path (n > t > 1); else 0.
+        chunk_token: (b, (t + o) c) long, the token each chunk row holds, as a row of the (b n) tokens.
+        overflow_item: (b o,) long, the item each overflow chunk reads, as a row of the (b t) items.
+        token_row: (b n,) long, the chunk row holding each token, as a row of the (b (t + o) c) chunk rows.
     """
-    n, t = q.shape[1], k.shape[2]
-    if t == 1:
-        return attend_one_item(q, k, v, index, time_mask)
-    if n <= t:
-        return attend_per_token(q, k, v, index, time_mask)
-    return attend_by_chunks(q, k, v, index, time_mask)
+
+    skip: Tensor
+    token_item: Tensor | None = None
+    chunk: int = 0
+    chunk_token: Tensor | None = None
+    overflow_item: Tensor | None = None
+    token_row: Tensor | None = None
+
+
+def immediate_layout(
+    index: Tensor, time_mask: Tensor | None, num_media: int, num_latents: int
+) -> ImmediateLayout | None:
+    """The layout for tokens of media index (b, n) (non-decreasing) reading t = ``num_media`` items of
+    m = ``num_latents`` latents each; ``time_mask`` (b, t) bool or None. None when there is nothing
+    to read or no token (t = 0 or b n = 0)."""
+    (b, n), t = index.shape, num_media
+    if t == 0 or b * n == 0:
+        return None
+    if t == 1 or n <= t:
+        item, reads = token_items(index, time_mask, t)  # (b, n) each
+        token_item = flat_rows(item, t) if t > 1 else None
+        return ImmediateLayout(skip=rearrange(~reads, "b n -> b n 1"), token_item=token_item)
+    chunk = immediate_chunk_size(n, t, num_latents)
+    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
+    return ImmediateLayout(
+        skip=rearrange(~reads, "b n -> b n 1"),
+        chunk=chunk,
+        chunk_token=chunk_token + batch_offsets(b, n, index.device),  # (b, (t + o) c)
+        overflow_item=flat_rows(overflow_item, t),
+        token_row=flat_rows(token_row, chunk_token.shape[1]),
+    )
+
+
+def batch_offsets(b: int, length: int, device: torch.device) -> Tensor:
+    """(b, 1): where each batch row's ``length`` rows start among the (b length) rows."""
+    return torch.arange(b, device=device)[:, None] * length
+
+
+def flat_rows(rows: Tensor, length: int) -> Tensor:
+    """Row indices (b, r) into each batch row's ``length`` rows -> (b r,) rows of the (b length) rows."""
+    return rearrange(rows + batch_offsets(rows.shape[0], length, rows.device), "b r -> (b r)")
+
+
+def attend_immediate(q: Tensor, k: Tensor, v: Tensor, layout: ImmediateLayout) -> Tensor:
+    """q (b, n, h k) reads only its own item of k, v (b, h, t, m, k) -> (b, n, h k), laid out by
+    ``layout`` (``immediate_layout`` of the tokens' media index over these t items of m latents)."""
+    if layout.chunk:
+        return attend_by_chunks(q, k, v, layout)
+    if layout.token_item is not None:
+        return attend_per_token(q, k, v, layout)
+    return attend_one_item(q, k, v, layout)
 
 
 def token_items(index: Tensor, time_mask: Tensor | None, num_media: int) -> tuple[Tensor, Tensor]:
@@ -50,39 +109,35 @@ def token_items(index: Tensor, time_mask: Tensor | None, num_media: int) -> tupl
     return item, reads
 
 
-def attend_one_item(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+def attend_one_item(q: Tensor, k: Tensor, v: Tensor, layout: ImmediateLayout) -> Tensor:
     """t = 1: every token that reads anything reads the single item, in place: q (b, n, h k),
     k, v (b, h, 1, m, k) -> (b, n, h k). Tokens that read nothing give exactly zero."""
     heads = k.shape[1]
-    _, reads = token_items(index, time_mask, 1)  # (b, n)
     q = rearrange(q, "b n (h k) -> b h n k", h=heads)
     out = F.scaled_dot_product_attention(q, k[:, :, 0], v[:, :, 0])  # (b, h, n, k)
     out = rearrange(out, "b h n k -> b n (h k)")
-    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
+    return out.masked_fill(layout.skip, 0.0)
 
 
-def attend_per_token(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+def attend_per_token(q: Tensor, k: Tensor, v: Tensor, layout: ImmediateLayout) -> Tensor:
     """Each token reads a gathered copy of its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
-    Copies n items' keys and values, so ``attend_immediate`` uses it only for n <= t (the copies are then no
+    Copies n items' keys and values, so ``immediate_layout`` chooses it only for n <= t (the copies are then no
     larger than k and v): a decoding step reads one item in a handful of kernels, where the chunk
     layout of ``attend_by_chunks`` would take dozens. Tokens that read nothing give exactly zero.
     """
     b, heads = q.shape[0], k.shape[1]
-    item, reads = token_items(index, time_mask, k.shape[2])  # (b, n) each
-    k_token, v_token = gather_items(k, v, item)  # (b n, h, m, k) each
+    k_token, v_token = gather_items(k, v, layout.token_item)  # (b n, h, m, k) each
     q_token = rearrange(q, "b n (h k) -> (b n) h 1 k", h=heads)
     out = F.scaled_dot_product_attention(q_token, k_token, v_token)  # (b n, h, 1, k)
     out = rearrange(out, "(b n) h 1 k -> b n (h k)", b=b)
-    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
+    return out.masked_fill(layout.skip, 0.0)
 
 
-def gather_items(k: Tensor, v: Tensor, item: Tensor) -> tuple[Tensor, Tensor]:
-    """Copies of the items ``item`` (b, s) 0-based of k, v (b, h, t, m, k) -> each (b s, h, m, k)."""
-    b, t = k.shape[0], k.shape[2]
-    flat_item = rearrange(item + torch.arange(b, device=k.device)[:, None] * t, "b s -> (b s)")
+def gather_items(k: Tensor, v: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of the items ``items`` (s,), rows of the (b t) items, of k, v (b, h, t, m, k) -> each (s, h, m, k)."""
     k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
-    return k_items.index_select(0, flat_item), v_items.index_select(0, flat_item)
+    return k_items.index_select(0, items), v_items.index_select(0, items)
 
 
 def immediate_chunk_size(num_text: int, num_media: int, num_latents: int) -> int:
@@ -157,15 +212,13 @@ def immediate_chunks(index: Tensor, time_mask: Tensor | None, num_media: int, ch
 
 
 def take_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """x (b, n, i) at row indices (b, r) -> (b, r, i). (Through ``index_select``, whose backward keeps
+    """x (b, n, i) at rows (b r,) of the (b n) rows -> (b, r, i). (Through ``index_select``, whose backward keeps
     only the indices, where ``gather``'s would also keep x.)"""
-    b, n = x.shape[:2]
-    flat_rows = rows + torch.arange(b, device=rows.device)[:, None] * n  # (b, r) rows of the (b n) rows
-    picked = x.flatten(0, 1).index_select(0, rearrange(flat_rows, "b r -> (b r)"))  # (b r, i)
-    return rearrange(picked, "(b r) i -> b r i", b=b)
+    picked = x.flatten(0, 1).index_select(0, rows)  # (b r, i)
+    return rearrange(picked, "(b r) i -> b r i", b=x.shape[0])
 
 
-def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: Tensor | None) -> Tensor:
+def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, layout: ImmediateLayout) -> Tensor:
     """Each token reads only its own item's m latents: q (b, n, h k), k, v (b, h, t, m, k) -> (b, n, h k).
 
     The tokens of one item are contiguous. Each item's first c >= n / t tokens form its first chunk,
@@ -175,21 +228,18 @@ def attend_by_chunks(q: Tensor, k: Tensor, v: Tensor, index: Tensor, time_mask: 
     whatever the layout, and no (n, t m) mask is built. No shape depends on the data (o is the
     most any layout can need), so there is no host sync. Tokens that read nothing give exactly zero.
     """
-    (b, n), (heads, t, m) = q.shape[:2], k.shape[1:4]
-    chunk = immediate_chunk_size(n, t, m)
-    chunk_token, overflow_item, token_row, reads = immediate_chunks(index, time_mask, t, chunk)
+    b, (heads, t) = q.shape[0], k.shape[1:3]
+    chunk = layout.chunk
     k_items, v_items = rearrange(k, "b h t m k -> (b t) h m k"), rearrange(v, "b h t m k -> (b t) h m k")  # views
-    first_rows = chunk_token[:, : t * chunk]  # (b, t c)
-    q_first = take_rows(q, first_rows)  # (b, t c, h k)
-    q_first = rearrange(q_first, "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
+    first_rows = rearrange(layout.chunk_token[:, : t * chunk], "b r -> (b r)")  # (b t c,)
+    q_first = rearrange(take_rows(q, first_rows), "b (t c) (h k) -> (b t) h c k", c=chunk, h=heads)
     out = F.scaled_dot_product_attention(q_first, k_items, v_items)  # (b t, h, c, k)
     out = rearrange(out, "(b t) h c k -> b (t c) (h k)", b=b)
-    if overflow_item.shape[1] > 0:
-        over_rows = chunk_token[:, t * chunk :]  # (b, o c)
-        q_over = take_rows(q, over_rows)  # (b, o c, h k)
-        q_over = rearrange(q_over, "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
-        k_over, v_over = gather_items(k, v, overflow_item)  # (b o, h, m, k) each
+    if layout.overflow_item.shape[0] > 0:
+        over_rows = rearrange(layout.chunk_token[:, t * chunk :], "b r -> (b r)")  # (b o c,)
+        q_over = rearrange(take_rows(q, over_rows), "b (o c) (h k) -> (b o) h c k", c=chunk, h=heads)
+        k_over, v_over = gather_items(k, v, layout.overflow_item)  # (b o, h, m, k) each
         out_over = F.scaled_dot_product_attention(q_over, k_over, v_over)  # (b o, h, c, k)
         out = torch.cat((out, rearrange(out_over, "(b o) h c k -> b (o c) (h k)", b=b)), dim=1)
-    out = take_rows(out, token_row)  # (b, n, h k)
-    return out.masked_fill(~rearrange(reads, "b n -> b n 1"), 0.0)
+    out = take_rows(out, layout.token_row)  # (b, n, h k)
+    return out.masked_fill(layout.skip, 0.0)

@@ -155,6 +155,31 @@ def test_beam_search_and_several_sequences_expand_the_media_and_never_emit_the_m
     assert torch.equal(out, torch.cat(rows_alone))
 
 
+def test_the_blocks_of_one_forward_share_one_immediate_layout(monkeypatch):
+    """Which item each token reads is worked out once per forward of the language model, not once per
+    gated block, and sharing it changes nothing (prompt: the chunk layout; decoding steps: per token)."""
+    from flamingo_pytorch import fusion, immediate_media
+
+    model, _ = build(cross_attn_every=1)  # three gated blocks
+    open_gates(model, 0.8)
+    text, features = prompt(2, 7, media_at=(2, 5)), torch.randn(2, 2, 5, WIDTH)
+    media = dict(image_embeds=features, time_mask=torch.tensor([[True, True], [True, False]]))
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    calls = []
+
+    def counted_layout(*args, **kwargs):
+        calls.append(args)
+        return immediate_media.immediate_layout(*args, **kwargs)
+
+    monkeypatch.setattr(fusion, "immediate_layout", counted_layout)
+    with torch.no_grad():
+        shared, shared_tokens = model(text, **media).logits, model.generate(text, **media, **settings)
+        assert len(calls) == 1 + 3  # the forward, then the prompt and two steps of generate
+        monkeypatch.setattr(fusion.MediaState, "immediate_layout", lambda state, k: None)  # each block its own
+        assert torch.equal(model(text, **media).logits, shared)
+        assert torch.equal(model.generate(text, **media, **settings), shared_tokens)
+
+
 def test_freezing_and_what_trains():
     encoder = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(3, WIDTH, 4, stride=4), nn.Flatten(2))
     torch.manual_seed(0)
