@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_bool, check_count, check_same_device, check_shape
 from flamingo_pytorch.cross_attention import media_index
+from flamingo_pytorch.immediate_media import ImmediateLayout, immediate_layout
 from flamingo_pytorch.palm import KVCache
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
@@ -159,14 +160,26 @@ def self_attention_mask(valid: Tensor, start: int) -> Tensor:
     return rearrange(mask, "b n j -> b 1 n j")
 
 
-def cross_attend(model: nn.Module, state: GenerationState, block_index: int, x: Tensor, index: Tensor) -> Tensor:
+def cross_attend(
+    model: nn.Module, state: GenerationState, block_index: int, x: Tensor, index: Tensor, layout: ImmediateLayout | None
+) -> Tensor:
     """Run gated block ``block_index`` on x (b, n, d) from the stored media keys and values.
 
     In immediate mode a one-token step reads only its own item (see ``immediate_media``), so a
-    decoding step costs the same however many media items the conversation holds.
+    decoding step costs the same however many media items the conversation holds. ``layout``: the
+    step's ``immediate_layout``, shared by every block (None: the block works it out, if it needs one).
     """
     k, v = state.media_kv[block_index]  # (b, h, t, m, k) each
-    return model.gated_cross_attn[block_index].forward_projected(x, k, v, index, state.time_mask)
+    return model.gated_cross_attn[block_index].forward_projected(x, k, v, index, state.time_mask, layout)
+
+
+def shared_layout(model: nn.Module, state: GenerationState, index: Tensor) -> ImmediateLayout | None:
+    """The ``immediate_layout`` of tokens with media index (b, n) over the stored media, made once for
+    all gated blocks of a step (they read the same items); None outside immediate mode or without media."""
+    if state.media_kv is None or not model.gated_cross_attn[0].attn.only_attend_immediate_media:
+        return None
+    k = state.media_kv[0][0]  # (b, h, t, m, k)
+    return immediate_layout(index, state.time_mask, num_media=k.shape[2], num_latents=k.shape[3])
 
 
 def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, attention_mask: Tensor | None) -> None:
@@ -182,9 +195,10 @@ def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, atten
     x = palm.token_emb(text)  # (b, n, d)
     cos, sin = palm.rotary(positions.clamp(min=0), x.dtype)  # (b, 1, n, k) each
     mask = self_attention_mask(state.valid[:, :end], start)  # (b, 1, n, j)
+    layout = shared_layout(model, state, index)
     for i, layer in enumerate(palm.layers):
         if state.media_kv is not None and i % model.cross_attn_every == 0:
-            x = cross_attend(model, state, i // model.cross_attn_every, x, index)
+            x = cross_attend(model, state, i // model.cross_attn_every, x, index, layout)
         x = layer.forward_cached(x, cos, sin, state.caches[i], start, mask)
     state.length = end
     state.positions = state.positions + real.sum(dim=-1)

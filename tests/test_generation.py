@@ -60,6 +60,27 @@ def test_one_image_matches_full_forward(model):
     assert not torch.equal(expected, greedy_by_full_forward(model, text, images=images(2, 1))), "media must matter"
 
 
+def test_the_blocks_of_a_cached_step_share_one_immediate_layout(model, monkeypatch):
+    """Which item each new token reads is worked out once per cached forward, for all gated blocks
+    (TINY has two), and sharing it changes no token."""
+    from flamingo_pytorch import immediate_media
+
+    text, pixels = prompt(2, 9, media_at=(0, 4)), images(2, 2)
+    time_mask = torch.tensor([[True, True], [True, False]])
+    calls = []
+
+    def counted_layout(*args, **kwargs):
+        calls.append(args)
+        return immediate_media.immediate_layout(*args, **kwargs)
+
+    monkeypatch.setattr(generation_module, "immediate_layout", counted_layout)
+    shared = greedy(model, text, steps=4, images=pixels, time_mask=time_mask)
+    assert len(calls) == 4  # the prompt, then three steps (the fourth token needs no forward)
+    monkeypatch.setattr(generation_module, "shared_layout", lambda *args: None)  # each block its own
+    assert torch.equal(greedy(model, text, steps=4, images=pixels, time_mask=time_mask), shared)
+    assert torch.equal(shared, greedy_by_full_forward(model, text, steps=4, images=pixels, time_mask=time_mask))
+
+
 def test_several_images_with_time_mask_padding_match_full_forward(model):
     text = prompt(2, 10, media_at=(0, 4))
     text[1, 4] = 7  # row 1 has a single image; its second item is padding
