@@ -23,9 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_ndim, check_positive, check_time_mask
-from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
-from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index
-from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, resampler_and_blocks
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
 
@@ -112,28 +110,21 @@ class Flamingo(nn.Module):
         self.media_token_id = media_token_id
         self.lm = lm
         self.vision_encoder = VisionEncoder(vision_encoder) if vision_encoder is not None else None
-        self.perceiver_resampler = PerceiverResampler(
-            dim=media_dim,
-            depth=perceiver_depth,
-            dim_head=dim_head,
-            heads=heads,
-            num_latents=perceiver_num_latents,
-            num_time_embeds=perceiver_num_time_embeds,
-        )
         chosen = range(0, len(layers), cross_attn_every) if cross_attn_layers is None else list(cross_attn_layers)
         if not chosen or sorted(set(chosen)) != list(chosen) or not 0 <= chosen[0] <= chosen[-1] < len(layers):
             raise ValueError(f"cross_attn_layers must be increasing indices in [0, {len(layers)}), got {chosen}")
         self.cross_attn_layers = list(chosen)  # the decoder layer each gated block precedes
-        self.gated_cross_attn = nn.ModuleList(
-            GatedCrossAttentionBlock(
-                dim=dim,
-                dim_head=dim_head,
-                heads=heads,
-                ff_mult=ff_mult,
-                only_attend_immediate_media=only_attend_immediate_media,
-                media_dim=media_dim,
-            )
-            for _ in chosen
+        self.perceiver_resampler, self.gated_cross_attn = resampler_and_blocks(
+            len(chosen),
+            dim=dim,
+            media_dim=media_dim,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            perceiver_depth=perceiver_depth,
+            perceiver_num_latents=perceiver_num_latents,
+            perceiver_num_time_embeds=perceiver_num_time_embeds,
+            only_attend_immediate_media=only_attend_immediate_media,
         )
         self.state = MediaState()
         for block, i in zip(self.gated_cross_attn, chosen):

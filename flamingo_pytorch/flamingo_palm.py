@@ -16,10 +16,9 @@ from torch import Tensor, nn
 from flamingo_pytorch import generation
 from flamingo_pytorch._validation import check_count, check_ndim, check_same_device, check_time_mask
 from flamingo_pytorch.checkpointing import run_maybe_checkpointed
-from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
+from flamingo_pytorch.fusion import resampler_and_blocks
 from flamingo_pytorch.generation import GenerationState
 from flamingo_pytorch.palm import PaLM
-from flamingo_pytorch.perceiver import PerceiverResampler
 from flamingo_pytorch.sampling import SamplingSettings
 from flamingo_pytorch.vision import patch_features
 
@@ -90,25 +89,18 @@ class FlamingoPaLM(nn.Module):
             ff_mult=ff_mult,
             checkpoint_activations=checkpoint_activations,
         )
-        self.perceiver_resampler = PerceiverResampler(
-            dim=media_dim,
-            depth=perceiver_depth,
+        self.perceiver_resampler, self.gated_cross_attn = resampler_and_blocks(
+            len(range(0, depth, cross_attn_every)),  # a block before layers 0, N, 2N, ...
+            dim=dim,
+            media_dim=media_dim,
             dim_head=dim_head,
             heads=heads,
-            num_latents=perceiver_num_latents,
-            num_time_embeds=perceiver_num_time_embeds,
+            ff_mult=ff_mult,
+            perceiver_depth=perceiver_depth,
+            perceiver_num_latents=perceiver_num_latents,
+            perceiver_num_time_embeds=perceiver_num_time_embeds,
             num_frame_embeds=max_video_frames,
-        )
-        self.gated_cross_attn = nn.ModuleList(
-            GatedCrossAttentionBlock(
-                dim=dim,
-                dim_head=dim_head,
-                heads=heads,
-                ff_mult=ff_mult,
-                only_attend_immediate_media=only_attend_immediate_media,
-                media_dim=media_dim,
-            )
-            for _ in range(0, depth, cross_attn_every)
+            only_attend_immediate_media=only_attend_immediate_media,
         )
         self.flamingo_mode = False  # whether the language model is frozen (see set_flamingo_mode)
         self.frozen_by_flamingo_mode: list[str] = []  # names of the palm parameters that freezing froze

@@ -26,6 +26,48 @@ from torch import Tensor, nn
 from flamingo_pytorch import cross_attention
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.immediate_media import ImmediateLayout, immediate_layout
+from flamingo_pytorch.perceiver import PerceiverResampler
+
+
+def resampler_and_blocks(
+    num_blocks: int,
+    *,
+    dim: int,
+    media_dim: int,
+    dim_head: int,
+    heads: int,
+    ff_mult: int,
+    perceiver_depth: int,
+    perceiver_num_latents: int,
+    perceiver_num_time_embeds: int | None,
+    num_frame_embeds: int | None = None,
+    only_attend_immediate_media: bool = True,
+) -> tuple[PerceiverResampler, nn.ModuleList]:
+    """What Flamingo trains: a Perceiver Resampler over media of width e = ``media_dim``, and
+    ``num_blocks`` gated cross-attention blocks from text of width d = ``dim`` to its latents, one
+    per fused decoder layer. ``Flamingo``, ``FlamingoPaLM`` and the OpenFlamingo loader's shape
+    check all build them here, so they cannot disagree."""
+    resampler = PerceiverResampler(
+        dim=media_dim,
+        depth=perceiver_depth,
+        dim_head=dim_head,
+        heads=heads,
+        num_latents=perceiver_num_latents,
+        num_time_embeds=perceiver_num_time_embeds,
+        num_frame_embeds=num_frame_embeds,
+    )
+    blocks = nn.ModuleList(
+        GatedCrossAttentionBlock(
+            dim=dim,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            only_attend_immediate_media=only_attend_immediate_media,
+            media_dim=media_dim,
+        )
+        for _ in range(num_blocks)
+    )
+    return resampler, blocks
 
 
 @dataclass

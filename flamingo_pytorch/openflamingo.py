@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.flamingo import Flamingo
-from flamingo_pytorch.perceiver import PerceiverResampler
+from flamingo_pytorch.fusion import resampler_and_blocks
 from flamingo_pytorch.vision import VisionEncoder
 
 END_OF_CHUNK_TOKEN, IMAGE_TOKEN = "<|endofchunk|>", "<image>"  # OpenFlamingo adds them in this order
@@ -125,20 +124,11 @@ def expected_shapes(lm: nn.Module, vision_encoder: nn.Module | None, blocks: int
     if vision_encoder is not None:
         encoder = VisionEncoder(vision_encoder).state_dict()
         shapes.update({f"vision_encoder.{key}": tuple(value.shape) for key, value in encoder.items()})
-    heads = dict(dim_head=config["dim_head"], heads=config["heads"])
     with torch.device("meta"):
-        resampler = PerceiverResampler(
-            dim=config["media_dim"],
-            depth=config["perceiver_depth"],
-            num_latents=config["perceiver_num_latents"],
-            num_time_embeds=config["perceiver_num_time_embeds"],
-            **heads,
-        )
         dim = lm.get_input_embeddings().embedding_dim
-        block = GatedCrossAttentionBlock(dim=dim, ff_mult=config["ff_mult"], media_dim=config["media_dim"], **heads)
+        resampler, gated = resampler_and_blocks(blocks, dim=dim, **config)
     shapes.update({f"perceiver_resampler.{key}": tuple(v.shape) for key, v in resampler.state_dict().items()})
-    for j in range(blocks):
-        shapes.update({f"gated_cross_attn.{j}.{key}": tuple(v.shape) for key, v in block.state_dict().items()})
+    shapes.update({f"gated_cross_attn.{key}": tuple(v.shape) for key, v in gated.state_dict().items()})
     return shapes
 
 
