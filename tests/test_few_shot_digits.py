@@ -113,6 +113,7 @@ def test_tiny_run_end_to_end_and_eval_only_reproduces_it(tmp_path):
     assert checkpoint.exists() and (tmp_path / "train" / few_shot_digits.FIGURE).stat().st_size > 0
     written = json.loads((tmp_path / "train" / few_shot_digits.RESULTS).read_text())
     assert written == json.loads(json.dumps(results))
+    assert written["training"]["training_classes"] == 7  # the seen digits as they are
     assert [(r["split"], r["ways"], r["shots"]) for r in written["rows"]] == [("seen", 5, 1), ("novel", 3, 1)]
     for row in written["rows"]:
         assert row["chance"] == pytest.approx(1 / row["ways"])
@@ -143,3 +144,9 @@ def test_tiny_run_end_to_end_and_eval_only_reproduces_it(tmp_path):
         ("seen", 4, 3, 5),
         ("novel", 3, 3, 5),
     ]
+
+
+def test_extra_classes_train_on_turned_and_inverted_digits_too(tmp_path):
+    tiny = ["--encoder-steps", "2", "--lm-steps", "2", "--flamingo-steps", "2", "--episodes", "4", "--extra-classes"]
+    results = few_shot_digits.main([*tiny, "--out", str(tmp_path)])
+    assert results["training"]["training_classes"] == 7 * 6  # each seen digit under 6 transforms
