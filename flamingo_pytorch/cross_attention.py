@@ -165,7 +165,7 @@ class MaskedCrossAttention(nn.Module):
         q = self.to_q(self.norm(x))  # (b, n, h k)
         k, v = k.to(q.dtype), v.to(q.dtype)  # keys cached under autocast may be read outside it, and vice versa
         if self.only_attend_immediate_media and index is not None and layout is None:
-            layout = immediate_layout(index, time_mask, num_media=k.shape[2], num_latents=k.shape[3])
+            layout = immediate_layout(index, time_mask, k)
         if self.only_attend_immediate_media and layout is not None:
             out = attend_immediate(q, k, v, layout)  # (b, n, h k)
         else:

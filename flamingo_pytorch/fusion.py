@@ -118,7 +118,7 @@ class MediaState:
         """The ``immediate_layout`` of this forward's tokens over media keys k (b, h, t, m, k). Every block
         reads the same media items, so the first block works it out and the others reuse it."""
         if self.layout is None and self.index is not None:
-            self.layout = immediate_layout(self.index, self.time_mask, num_media=k.shape[2], num_latents=k.shape[3])
+            self.layout = immediate_layout(self.index, self.time_mask, k)
         return self.layout
 
 

@@ -178,8 +178,7 @@ def shared_layout(model: nn.Module, state: GenerationState, index: Tensor) -> Im
     all gated blocks of a step (they read the same items); None outside immediate mode or without media."""
     if state.media_kv is None or not model.gated_cross_attn[0].attn.only_attend_immediate_media:
         return None
-    k = state.media_kv[0][0]  # (b, h, t, m, k)
-    return immediate_layout(index, state.time_mask, num_media=k.shape[2], num_latents=k.shape[3])
+    return immediate_layout(index, state.time_mask, state.media_kv[0][0])  # keys (b, h, t, m, k)
 
 
 def forward_tokens(model: nn.Module, state: GenerationState, text: Tensor, attention_mask: Tensor | None) -> None:

@@ -54,13 +54,11 @@ class ImmediateLayout:
     token_row: Tensor | None = None
 
 
-def immediate_layout(
-    index: Tensor, time_mask: Tensor | None, num_media: int, num_latents: int
-) -> ImmediateLayout | None:
-    """The layout for tokens of media index (b, n) (non-decreasing) reading t = ``num_media`` items of
-    m = ``num_latents`` latents each; ``time_mask`` (b, t) bool or None. None when there is nothing
-    to read or no token (t = 0 or b n = 0)."""
-    (b, n), t = index.shape, num_media
+def immediate_layout(index: Tensor, time_mask: Tensor | None, k: Tensor) -> ImmediateLayout | None:
+    """The layout for tokens of media index (b, n) (non-decreasing) reading the t items of m latents
+    of the projected keys k (b, h, t, m, k); ``time_mask`` (b, t) bool or None. None when there is
+    nothing to read or no token (t = 0 or b n = 0)."""
+    (b, n), (t, num_latents) = index.shape, k.shape[2:4]
     if t == 0 or b * n == 0:
         return None
     if t == 1 or n <= t:
