@@ -257,13 +257,13 @@ def stand_in_clip(name, pretrained):
     return tiny_clip(), None, to_tensor
 
 
-def test_the_readme_block_with_local_stand_ins(tmp_path, monkeypatch):
-    """The README's OpenFlamingo-3B block as written, with tiny local models where it downloads:
+def test_the_docs_block_with_local_stand_ins(tmp_path, monkeypatch):
+    """docs/openflamingo.md's OpenFlamingo-3B block as written, with tiny local models where it downloads:
     the checkpoint is OpenFlamingo's own model over the same tiny MPT, built as its factory does."""
     import huggingface_hub
     import transformers
     from PIL import Image
-    from test_readme import marked_block
+    from test_readme import README, marked_block
 
     theirs = {}
 
@@ -294,7 +294,14 @@ def test_the_readme_block_with_local_stand_ins(tmp_path, monkeypatch):
     for name, color in (("cats.jpg", "red"), ("sink.jpg", "blue"), ("query.jpg", "green")):
         Image.new("RGB", (40, 30), color).save(name)
     namespace = {}
-    exec(compile(marked_block("<!-- stand-ins: tests/test_openflamingo.py"), "README block", "exec"), namespace)
+    exec(
+        compile(
+            marked_block("<!-- stand-ins: tests/test_openflamingo.py", README.parent / "docs" / "openflamingo.md"),
+            "docs block",
+            "exec",
+        ),
+        namespace,
+    )
     inputs, out = namespace["inputs"], namespace["out"]
     n = inputs["input_ids"].shape[1]
     assert out.shape[0] == 1 and n < out.shape[1] <= n + 20 and torch.equal(out[:, :n], inputs["input_ids"])

@@ -42,15 +42,15 @@ def readme_blocks() -> list[tuple[str, bool]]:
     return [(code, mark.startswith(FULL_SIZE_MARK)) for mark, code in all_blocks() if not mark.startswith(STAND_INS)]
 
 
-def all_blocks() -> list[tuple[str, str]]:
-    """(the HTML comment on the line before, or "", the code) of every python block."""
+def all_blocks(path: Path = README) -> list[tuple[str, str]]:
+    """(the HTML comment on the line before, or "", the code) of every python block in ``path``."""
     pattern = r"(<!--[^\n]*-->\n)?```python\n(.*?)```"
-    return re.findall(pattern, README.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return re.findall(pattern, path.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
-def marked_block(mark: str) -> str:
-    """The one python block whose comment starts with ``mark``."""
-    (code,) = [code for comment, code in all_blocks() if comment.startswith(mark)]
+def marked_block(mark: str, path: Path = README) -> str:
+    """The one python block of ``path`` whose comment starts with ``mark``."""
+    (code,) = [code for comment, code in all_blocks(path) if comment.startswith(mark)]
     return code
 
 
