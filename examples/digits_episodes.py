@@ -111,6 +111,14 @@ def with_transforms(pool: ImagePool, transforms: tuple[str, ...]) -> ImagePool:
     return ImagePool(torch.cat(images), torch.cat(labels))
 
 
+def instance_pool(pool: ImagePool) -> ImagePool:
+    """Each image of ``pool`` a class of its own, held twice. A 1-shot episode over it names single
+    images (two of its ways may show the same digit), and its query is a second copy of one support
+    image, which training then augments differently: a class code per digit cannot answer it, only
+    what tells one image from another can."""
+    return ImagePool(pool.images.repeat(2, 1, 1, 1), torch.arange(len(pool.labels)).repeat(2))
+
+
 def sample_episodes(
     pool: ImagePool, count: int, ways: int, shots: int, generator: torch.Generator, tokenizer: WordTokenizer
 ) -> Episodes:

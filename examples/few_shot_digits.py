@@ -11,7 +11,8 @@ model must pick up the naming from the prompt. The recipe in miniature:
   1.  pretrain the PaLM on the text-only task (a symbol token where each image would be), with a
       slow one-cycle warm-up, stopped on text-only validation accuracy; freeze it;
   2.  train only the Perceiver Resampler and gated blocks (``flamingo_parameters()``) on image
-      episodes, keeping the state best on validation episodes (held-out images of the seen classes).
+      episodes, every other step naming single images rather than digits, keeping the state best
+      on validation episodes (held-out images of the seen classes).
 Then exact match over fixed episodes with held-out images of digits 0-6 and with digits 7-9, which
 no stage ever saw, beside controls and a nearest-neighbour matcher on the same frozen features.
 Results and what limits them: docs/few_shot_digits.md.
@@ -20,6 +21,7 @@ Results and what limits them: docs/few_shot_digits.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -37,6 +39,7 @@ from digits_episodes import (
     TRANSFORMS,
     Episodes,
     ImagePool,
+    instance_pool,
     load_pools,
     make_tokenizer,
     next_token_labels,
@@ -182,8 +185,9 @@ def pretrain_language_model(model, pool, steps, generator, tokenizer) -> tuple[l
 def train_flamingo(model, pool, val_pool, steps, generator, tokenizer, lr=3e-3, batch=32) -> tuple[list, list]:
     """Stage 2: image episodes; only ``flamingo_parameters()`` train. The gates start at
     ``GATE_START`` and the images are augmented as in stage 1b (against memorising the training
-    images). Keeps the state that answers most validation episodes (held-out images of the seen
-    digits, 5-way 1-shot)."""
+    images). Every other step names single images instead of digits (``instance_pool``), so that
+    stage 2 cannot settle on one code per seen digit. Keeps the state that answers most validation
+    episodes (held-out images of the seen digits, 5-way 1-shot)."""
     val = sample_episodes(val_pool, VAL_EPISODES, 5, 1, torch.Generator().manual_seed(VAL_SEED), tokenizer)
     model.set_flamingo_mode(True)
     with torch.no_grad():
@@ -192,8 +196,10 @@ def train_flamingo(model, pool, val_pool, steps, generator, tokenizer, lr=3e-3, 
     parameters = [p for p in model.flamingo_parameters() if p.requires_grad]
     best = {"score": -1.0, "state": None}
 
+    sources = itertools.cycle((pool, instance_pool(pool)))  # digits, then single images, in turn
+
     def loss_fn():
-        episodes = random_episodes(pool, batch, generator, tokenizer)
+        episodes = random_episodes(next(sources), batch, generator, tokenizer)
         images = augment(episodes.images.flatten(0, 1), generator).view_as(episodes.images)  # (E, t, 1, 8, 8)
         with torch.no_grad():
             features = model.encode_pixels("images", images)  # (E, t, p, e)

@@ -24,6 +24,7 @@ from digits_episodes import (  # noqa: E402
     NAMES,
     NOVEL_CLASSES,
     SLOT,
+    instance_pool,
     load_pools,
     make_tokenizer,
     next_token_labels,
@@ -74,6 +75,23 @@ def test_episode_text_names_each_class_consistently(pools):
     assert torch.equal(episodes.symbols[~image_slots], episodes.text[~image_slots])
     symbols = episodes.symbols[:, ::SLOT]
     assert all(len(set(zip(s.tolist(), c.tolist()))) == 4 for s, c in zip(symbols, episodes.classes))
+
+
+def test_instance_episodes_name_single_images(pools):
+    """Stage 2's other episodes: each way is one training image, the query a copy of one of them."""
+    train = pools["train"]
+    instances = instance_pool(train)
+    assert instances.classes() == list(range(len(train.labels)))
+    episodes = sample_episodes(instances, 50, 5, 1, torch.Generator().manual_seed(5), make_tokenizer())
+    names = episodes.text[:, NAME_AT::SLOT]  # (E, t)
+    supports, query = episodes.images[:, :-1], episodes.images[:, -1:]  # (E, 5, 1, 8, 8), (E, 1, 1, 8, 8)
+    same = (supports == query).flatten(2).all(dim=-1)  # (E, 5): the supports equal to the query
+    assert same.any(dim=1).all()
+    for e in range(50):
+        assert len(set(episodes.classes[e, :-1].tolist())) == 5  # five different images
+        assert episodes.answer[e] in names[e, :-1][same[e]]  # a copy of the query sits beside its answer
+    ways_of_one_digit = [len(set(train.labels[episodes.classes[e, :-1]].tolist())) < 5 for e in range(50)]
+    assert any(ways_of_one_digit)  # two ways can show the same digit: no class code answers these
 
 
 def test_loss_only_on_names_the_prompt_makes_predictable(pools):
