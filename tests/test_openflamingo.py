@@ -293,15 +293,9 @@ def test_the_docs_block_with_local_stand_ins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, color in (("cats.jpg", "red"), ("sink.jpg", "blue"), ("query.jpg", "green")):
         Image.new("RGB", (40, 30), color).save(name)
+    code = marked_block("<!-- stand-ins: tests/test_openflamingo.py", README.parent / "docs" / "openflamingo.md")
     namespace = {}
-    exec(
-        compile(
-            marked_block("<!-- stand-ins: tests/test_openflamingo.py", README.parent / "docs" / "openflamingo.md"),
-            "docs block",
-            "exec",
-        ),
-        namespace,
-    )
+    exec(compile(code, "docs/openflamingo.md block", "exec"), namespace)
     inputs, out = namespace["inputs"], namespace["out"]
     n = inputs["input_ids"].shape[1]
     assert out.shape[0] == 1 and n < out.shape[1] <= n + 20 and torch.equal(out[:, :n], inputs["input_ids"])
