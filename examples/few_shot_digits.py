@@ -11,8 +11,8 @@ model must pick up the naming from the prompt. The recipe in miniature:
   1.  pretrain the PaLM on the text-only task (a symbol token where each image would be), with a
       slow one-cycle warm-up, stopped on text-only validation accuracy; freeze it;
   2.  train only the Perceiver Resampler and gated blocks (``flamingo_parameters()``) on image
-      episodes, every other step naming single images rather than digits, keeping the state best
-      on validation episodes (held-out images of the seen classes).
+      episodes, every other step naming single images rather than digits, keeping the latest state
+      best on validation episodes (held-out images of the seen classes).
 Then exact match over fixed episodes with held-out images of digits 0-6 and with digits 7-9, which
 no stage ever saw, beside controls and a nearest-neighbour matcher on the same frozen features.
 Results and what limits them: docs/few_shot_digits.md.
@@ -186,8 +186,9 @@ def train_flamingo(model, pool, val_pool, steps, generator, tokenizer, lr=3e-3, 
     """Stage 2: image episodes; only ``flamingo_parameters()`` train. The gates start at
     ``GATE_START`` and the images are augmented as in stage 1b (against memorising the training
     images). Every other step names single images instead of digits (``instance_pool``), so that
-    stage 2 cannot settle on one code per seen digit. Keeps the state that answers most validation
-    episodes (held-out images of the seen digits, 5-way 1-shot)."""
+    stage 2 cannot settle on one code per seen digit. Keeps the latest of the states that answer
+    most validation episodes (held-out images of the seen digits, 5-way 1-shot): validation
+    saturates long before the last step, and among tied states the latest has trained longest."""
     val = sample_episodes(val_pool, VAL_EPISODES, 5, 1, torch.Generator().manual_seed(VAL_SEED), tokenizer)
     model.set_flamingo_mode(True)
     with torch.no_grad():
@@ -210,7 +211,7 @@ def train_flamingo(model, pool, val_pool, steps, generator, tokenizer, lr=3e-3, 
 
     def check(step):
         accuracy = answer_accuracy(model, val, images=True)
-        if accuracy > best["score"]:
+        if accuracy >= best["score"]:
             best.update(score=accuracy, state={k: v.clone() for k, v in model.state_dict().items()})
         return accuracy, False
 
