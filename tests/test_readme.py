@@ -105,6 +105,10 @@ def check_examples(snapshots: list[dict], *, vocab: int) -> None:
     assert generation["greedy"].shape == (2, 12)
     assert generation["conversation"].shape == (1, 3 + 5 + 3 + 5)  # two turns, two replies of 5 tokens
 
+    saved = snapshots[next(i for i, code in enumerate(blocks) if "save_model(" in code)]
+    weights, restored = saved["model"].state_dict(), saved["restored"].state_dict()  # two separate random inits
+    assert weights.keys() == restored.keys() and all(torch.equal(weights[k], restored[k]) for k in weights)
+
 
 def test_readme_has_the_seed_examples():
     code = "\n".join(code for code, _ in readme_blocks())
@@ -115,10 +119,11 @@ def test_readme_has_the_seed_examples():
         assert call in full_size
 
 
-def test_readme_examples_run_with_the_full_size_example_made_small():
+def test_readme_examples_run_with_the_full_size_example_made_small(tmp_path, monkeypatch):
     pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
     pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
     pytest.importorskip("transformers", reason="the Flamingo example uses transformers (pip install -e '.[hf]')")
+    monkeypatch.chdir(tmp_path)  # the save/load example writes into the working folder
     snapshots = run_readme(full_size=False)
     check_examples(snapshots, vocab=SMALL_VOCAB)
 
@@ -139,8 +144,9 @@ def test_readme_examples_run_with_the_full_size_example_made_small():
 
 
 @pytest.mark.slow
-def test_readme_examples_run_as_written():
+def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     pytest.importorskip("vit_pytorch", reason="the FlamingoPaLM example uses vit-pytorch (pip install -e '.[vit]')")
     pytest.importorskip("safetensors", reason="the save/load example uses safetensors (pip install -e '.[examples]')")
     pytest.importorskip("transformers", reason="the Flamingo example uses transformers (pip install -e '.[hf]')")
+    monkeypatch.chdir(tmp_path)  # the save/load example writes into the working folder
     check_examples(run_readme(full_size=True), vocab=20000)
