@@ -31,8 +31,8 @@ def tokenizer_and_lm():
 
 def to_tensor(image) -> torch.Tensor:
     """A stand-in for an encoder's transform: (3, 16, 16) floats in [0, 1]."""
-    data = torch.tensor(list(image.convert("RGB").resize((16, 16)).getdata()), dtype=torch.float32)
-    return data.view(16, 16, 3).permute(2, 0, 1) / 255
+    data = torch.frombuffer(bytearray(image.convert("RGB").resize((16, 16)).tobytes()), dtype=torch.uint8)
+    return data.view(16, 16, 3).permute(2, 0, 1).float() / 255  # (16, 16, 3) -> (3, 16, 16)
 
 
 def picture(color: str):
