@@ -19,8 +19,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import (
-    check_bool,
     check_last_dim,
+    check_mask,
     check_ndim,
     check_positive,
     check_same_device,
@@ -112,19 +112,22 @@ class MaskedCrossAttention(nn.Module):
         Args:
             x: (b, n, d) text features.
             media: (b, t, m, e) media latents, e.g. the Perceiver Resampler's output.
-            media_locations: (b, n) bool, True where a media item appears in the text.
+            media_locations: (b, n) bool (or 0/1 integers), True where a media item appears in the text.
                 None: every token reads every (unpadded) item.
-            time_mask: (b, t) bool, True for real media items, False for padding.
+            time_mask: (b, t) bool (or 0/1 integers), True for real media items, False for padding.
 
         Returns:
             (b, n, d); exactly zero for tokens that may read no media item.
         """
-        self.check_inputs(x, media, media_locations, time_mask)
+        media_locations, time_mask = self.check_inputs(x, media, media_locations, time_mask)
         index = None if media_locations is None else media_index(media_locations)
         k, v = self.project_media(media)
         return self.attend(x, k, v, index, time_mask)
 
-    def check_inputs(self, x: Tensor, media: Tensor, media_locations: Tensor | None, time_mask: Tensor | None) -> None:
+    def check_inputs(
+        self, x: Tensor, media: Tensor, media_locations: Tensor | None, time_mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Raise on bad inputs; -> media_locations and time_mask as bool (0/1 integers are accepted)."""
         check_ndim("x", x, (3,), "(batch, text length, dim)")
         check_last_dim("x", x, self.dim)
         check_ndim("media", media, (4,), "(batch, media items, latents, media_dim)")
@@ -134,11 +137,12 @@ class MaskedCrossAttention(nn.Module):
         if media.shape[0] != b:
             raise ValueError(f"media has batch {media.shape[0]} but x has batch {b}")
         if media_locations is not None:
-            check_bool("media_locations", media_locations)
+            media_locations = check_mask("media_locations", media_locations)
             check_shape("media_locations", media_locations, (b, n), "(batch, text length)")
             check_same_device("media_locations", media_locations, "x", x)
         if time_mask is not None:
-            check_time_mask(time_mask, (b, media.shape[1]), "x", x)
+            time_mask = check_time_mask(time_mask, (b, media.shape[1]), "x", x)
+        return media_locations, time_mask
 
     def project_media(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """(b, t, m, e) media -> keys and values, each (b, h, t, m, k). Cacheable across text."""

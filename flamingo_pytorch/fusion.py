@@ -19,8 +19,10 @@ exactly what it held before.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch import cross_attention
@@ -68,6 +70,15 @@ def resampler_and_blocks(
         for _ in range(num_blocks)
     )
     return resampler, blocks
+
+
+def compute_in(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    """Mixed precision for what Flamingo trains: float32 weights computing in ``dtype`` when that is
+    bfloat16 or float16 (``torch.autocast``, which casts the weights per call), else nothing (an
+    enclosing autocast, if any, stays in force)."""
+    if dtype in (torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
 
 
 @dataclass
@@ -154,11 +165,13 @@ class FusionLayer(nn.Module):
         return self.layer(*args, **kwargs)
 
     def read_media(self, x: Tensor) -> Tensor:
-        """x (b, n, d) -> x with the gated block's cross-attention and feed-forward added."""
+        """x (b, n, d) -> x with the gated block's cross-attention and feed-forward added, computed in
+        x's dtype (see ``compute_in``) and returned in it."""
         state, block = self.state, self.block
-        k, v = state.keys_values(block, x.shape[0])
-        layout = state.immediate_layout(k) if block.attn.only_attend_immediate_media else None
-        return block.forward_projected(x, k, v, state.index, state.time_mask, layout)
+        with compute_in(x.dtype, x.device):
+            k, v = state.keys_values(block, x.shape[0])
+            layout = state.immediate_layout(k) if block.attn.only_attend_immediate_media else None
+            return block.forward_projected(x, k, v, state.index, state.time_mask, layout).to(x.dtype)
 
     def __getattr__(self, name: str):
         try:

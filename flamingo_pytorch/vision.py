@@ -37,9 +37,29 @@ class VisionEncoder(nn.Module):
             encoder.output_tokens = True
         self.encoder = encoder
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images (B, c, H, W) -> features (B, p, e)."""
+    @property
+    def feature_width(self) -> int | None:
+        """e, the width of the features ``forward`` returns, where the encoder says it: an open_clip
+        ViT's transformer width (its patch tokens come before the projection), a transformers model's
+        ``config.hidden_size``, a timm model's ``num_features``; None for any other module."""
         encoder = self.encoder
+        if hasattr(encoder, "output_tokens"):
+            width = getattr(getattr(encoder, "transformer", None), "width", None)
+        elif hasattr(encoder, "forward_features"):
+            width = getattr(encoder, "num_features", None)
+        elif hasattr(encoder, "main_input_name"):
+            width = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        else:
+            width = None
+        return width if isinstance(width, int) and not isinstance(width, bool) else None
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, c, H, W) -> features (B, p, e). Float images are cast to the encoder's dtype
+        (pixels from a processor are float32; the encoder may be in bfloat16 or float16)."""
+        encoder = self.encoder
+        weight = next((p for p in encoder.parameters() if p.is_floating_point()), None)
+        if weight is not None and images.is_floating_point():
+            images = images.to(weight.dtype)
         if hasattr(encoder, "forward_features"):  # timm
             out = encoder.forward_features(images)
         elif hasattr(encoder, "main_input_name"):  # transformers

@@ -158,8 +158,25 @@ def test_mismatched_shapes_raise():
     with pytest.raises(ValueError, match="time_mask must have shape"):
         attn(x, media, locations, time_mask[:, :2])
     with pytest.raises(TypeError, match="media_locations must be a bool tensor"):
-        attn(x, media, locations.long())
+        attn(x, media, locations.float())
     with pytest.raises(ValueError, match="media must have shape"):
         attn(x, media[:, 0], locations)
     with pytest.raises(ValueError, match="feature size 16"):
         attn(x, media[..., :8], locations)
+
+
+def test_masks_given_as_0_1_integers_equal_bool_masks_and_other_integers_raise():
+    """As transformers accepts its attention_mask: 0/1 integers of any integer dtype read as bool."""
+    block = GatedCrossAttentionBlock(dim=D, dim_head=4, heads=2)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+    x, media, locations, time_mask = inputs()
+    want = block(x, media, locations, time_mask)
+    assert torch.equal(block(x, media, locations.long(), time_mask.to(torch.uint8)), want)
+    assert torch.equal(block(x, media, locations.int(), time_mask.long()), want)
+    with pytest.raises(ValueError, match=r"time_mask holds integers other than 0 and 1: \[0, 2\]"):
+        block(x, media, locations, time_mask.long() * 2)
+    with pytest.raises(ValueError, match="media_locations holds integers other than 0 and 1"):
+        block(x, media, locations.long() - 1, time_mask)
+    with pytest.raises(TypeError, match="time_mask must be a bool tensor"):
+        block(x, media, locations, time_mask.float())
