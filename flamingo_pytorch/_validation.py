@@ -57,3 +57,64 @@ def check_time_mask(time_mask: Tensor, shape: tuple[int, int], reference_name: s
     check_bool("time_mask", time_mask)
     check_shape("time_mask", time_mask, shape, "(batch, media items)")
     check_same_device("time_mask", time_mask, reference_name, reference)
+
+
+def check_media_tokens(
+    input_ids: Tensor,
+    media_token_id: int,
+    attention_mask: Tensor | None,
+    time_mask: Tensor | None,
+    num_items: int,
+    *,
+    media_name: str = "images",
+    earlier_tokens: Tensor | None = None,
+    earlier_items: Tensor | None = None,
+) -> None:
+    """Each row's media tokens and real media items must match one to one.
+
+    The k-th media token of a row reads its k-th media item, so a row must hold exactly as many
+    media tokens as real items (``time_mask`` True; all ``num_items`` without a ``time_mask``), and
+    its padded items must follow its real ones. Tokens under ``attention_mask`` 0/False (padding)
+    never count. A surplus token would read nothing and a surplus item would be read by no token:
+    both are errors, never a silent miss.
+
+    Args:
+        input_ids: (b, n) token ids.
+        media_token_id: the token that marks a media item.
+        attention_mask: (b, j) 1/True for real tokens, j >= n (its last n columns are ``input_ids``'), or None.
+        time_mask: (b, t) bool or 0/1, False for padded items, or None.
+        num_items: t, the media items per row passed with ``input_ids``.
+        media_name: what the items are called in the error ("images", "videos").
+        earlier_tokens, earlier_items: (b,) long, counts already held by a conversation's cache.
+
+    Raises:
+        ValueError: naming the first row that does not match, with both counts.
+    """
+    is_media = input_ids == media_token_id  # (b, n)
+    if attention_mask is not None:
+        is_media = is_media & attention_mask[:, attention_mask.shape[1] - input_ids.shape[1] :].bool()
+    tokens = is_media.sum(dim=-1)  # (b,)
+    if time_mask is None:
+        items, unordered = torch.full_like(tokens, num_items), torch.zeros_like(tokens, dtype=torch.bool)
+    else:
+        time_mask = time_mask.bool()
+        items = time_mask.sum(dim=-1)  # (b,)
+        unordered = (time_mask & ~time_mask.cummin(dim=-1).values).any(dim=-1)  # (b,) a real item after a padded one
+    if earlier_tokens is not None:
+        tokens, items = tokens + earlier_tokens, items + earlier_items
+    wrong = (tokens != items) | unordered  # (b,)
+    if not bool(wrong.any()):
+        return
+    row = int(wrong.nonzero()[0, 0])
+    if bool(unordered[row]):
+        raise ValueError(
+            f"row {row} of time_mask is {time_mask[row].tolist()}: a padded item (False) comes before a real one, "
+            "but the k-th media token reads the k-th item; put each row's real items first and its padding after"
+        )
+    held = " in the conversation so far" if earlier_tokens is not None else ""
+    count, noun = int(items[row]), media_name if int(items[row]) != 1 else media_name.removesuffix("s")
+    raise ValueError(
+        f"row {row} has {int(tokens[row])} <image> tokens (media_token_id={media_token_id}) but {count} {noun}{held}: "
+        "the k-th <image> token reads the k-th item, so give each token one item (mark padded items False in "
+        "time_mask), or pass no media at all for text alone"
+    )

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_ndim, check_positive, check_time_mask
+from flamingo_pytorch._validation import check_media_tokens, check_ndim, check_positive, check_time_mask
 from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, resampler_and_blocks
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
@@ -194,6 +194,8 @@ class Flamingo(nn.Module):
             **lm_kwargs: passed to the language model (``labels``, ``past_key_values``, ...).
         """
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
+        if media is not None and tokens_in_cache(lm_kwargs) == 0:  # (a call continuing a cache: counted at its prompt)
+            check_media_tokens(input_ids, self.media_token_id, attention_mask, time_mask, media.shape[1])
         with self.media(media, time_mask):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
 
@@ -212,6 +214,8 @@ class Flamingo(nn.Module):
         is never generated. Media are encoded, resampled and projected once per gated block; beam
         search and ``num_return_sequences`` repeat them for their rows."""
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
+        if media is not None:  # input_ids: the whole prompt, cached part included
+            check_media_tokens(input_ids, self.media_token_id, attention_mask, time_mask, media.shape[1])
         suppressed = [*(generate_kwargs.pop("suppress_tokens", None) or []), self.media_token_id]
         with self.media(media, time_mask):
             return self.lm.generate(

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch import generation
-from flamingo_pytorch._validation import check_count, check_ndim, check_same_device, check_time_mask
+from flamingo_pytorch._validation import (
+    check_count,
+    check_media_tokens,
+    check_ndim,
+    check_same_device,
+    check_time_mask,
+)
 from flamingo_pytorch.checkpointing import run_maybe_checkpointed
 from flamingo_pytorch.fusion import resampler_and_blocks
 from flamingo_pytorch.generation import GenerationState
@@ -164,16 +170,25 @@ class FlamingoPaLM(nn.Module):
             images: (b, t, c, H, W), encoded by ``img_encoder``.
             image_embeds: (b, t, p, e) precomputed image features (skip the encoder).
             videos: (b, t, f, c, H, W), encoded frame by frame (needs ``max_video_frames``).
-            time_mask: (b, t) bool, True for real media items, False for padding.
+            time_mask: (b, t) bool, True for real media items, False for padding (after the real ones).
             labels: (b, n) target token ids (-100 = none), e.g. ``text`` shifted left by one.
                 When given, the mean cross-entropy is returned instead of the logits, computed
                 without ever holding the full (b, n, num_tokens) logits (less peak memory).
 
         Returns:
             (b, n, num_tokens) logits, or the scalar loss when ``labels`` are given.
+
+        Raises:
+            ValueError: when media are given and a row's media tokens do not match its real media
+                items one to one (the k-th token reads the k-th item). Without media, media tokens
+                are ordinary tokens (text-only training).
         """
         self.check_text(text)
-        media = self.encode_media(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        given = self.media_given(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
+        if given is not None:  # (text alone, as in stage 1: media tokens are ordinary tokens)
+            noun = "videos" if given[0] == "videos" else "images"
+            check_media_tokens(text, self.media_token_id, None, time_mask, given[1].shape[1], media_name=noun)
+        media = self.resample(given)
         if torch.is_grad_enabled():  # evaluation under no_grad leaves the training setup alone
             self.set_flamingo_mode(media is not None)
         return self.decode(text, media, time_mask, labels)
@@ -195,8 +210,33 @@ class FlamingoPaLM(nn.Module):
     ) -> Tensor | None:
         """Check the media against ``text`` and resample them: -> (b, t, m, e) latents, or None.
 
-        ``time_offset`` counts the items that came before these ones (see ``extend``).
+        ``time_offset`` counts the items that came before these ones (see ``extend``). The media
+        tokens of ``text`` are not counted here: ``forward`` and ``extend`` count them.
         """
+        given = self.media_given(
+            text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask, time_offset=time_offset
+        )
+        return self.resample(given, time_offset)
+
+    def resample(self, given: tuple[str, Tensor] | None, time_offset: int = 0) -> Tensor | None:
+        """Encode (unless ``image_embeds``) and resample checked media -> (b, t, m, e) latents, or None."""
+        if given is None:
+            return None
+        name, media = given
+        features = media if name == "image_embeds" else self.encode_pixels(name, media)
+        return self.perceiver_resampler(features, time_offset=time_offset)  # (b, t, m, e)
+
+    def media_given(
+        self,
+        text: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        videos: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        time_offset: int = 0,
+    ) -> tuple[str, Tensor] | None:
+        """Check the media's shapes, devices and batch against ``text`` -> (argument name, tensor), or None."""
         candidates = (("images", images), ("image_embeds", image_embeds), ("videos", videos))
         given = {name: value for name, value in candidates if value is not None}
         if len(given) > 1:
@@ -221,8 +261,7 @@ class FlamingoPaLM(nn.Module):
             check_time_mask(time_mask, (b, t), "text", text)
         if name == "videos" and self.perceiver_resampler.frame_embeds is None:
             raise ValueError("videos need a model built with max_video_frames")
-        features = media if name == "image_embeds" else self.encode_pixels(name, media)
-        return self.perceiver_resampler(features, time_offset=time_offset)  # (b, t, m, e)
+        return name, media
 
     def encode_pixels(self, name: str, pixels: Tensor) -> Tensor:
         """Run the frozen img_encoder on (b, t, [f,] c, H, W) -> (b, t, [f,] p, e)."""
@@ -276,7 +315,8 @@ class FlamingoPaLM(nn.Module):
 
         Args:
             text: (b, n) prompt token ids, left-padded when rows differ in length.
-            images, image_embeds, videos, time_mask: the prompt's media, as in ``forward``.
+            images, image_embeds, videos, time_mask: the prompt's media, as in ``forward`` (each row's
+                real items matching its media tokens outside the padding, one to one).
             attention_mask: (b, n) bool, False on the left padding of shorter prompts. Padding
                 is invisible: each row generates what it would generate alone.
             max_new_tokens: how many tokens to add.
@@ -334,6 +374,11 @@ class FlamingoPaLM(nn.Module):
         turn whose text holds its media token. A conversation that began with text only is
         recomputed once when its first media item arrives (with media, the gated blocks' feed-forward
         runs over every token). The cache grows by doubling when a turn outgrows it.
+
+        Once a conversation has media, each row's media tokens, counted over the whole conversation
+        (the cached turns and this one), must equal its real media items, or a ValueError is raised
+        and the state is left as it was; media tokens of a conversation that so far had no media
+        are ordinary tokens and cannot be given media later.
 
         Args:
             state: from ``prefill``.

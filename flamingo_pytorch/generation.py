@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_bool, check_count, check_same_device, check_shape
+from flamingo_pytorch._validation import check_bool, check_count, check_media_tokens, check_same_device, check_shape
 from flamingo_pytorch.cross_attention import media_index
 from flamingo_pytorch.immediate_media import ImmediateLayout, immediate_layout
 from flamingo_pytorch.palm import KVCache
@@ -249,6 +249,7 @@ def extend(
     check_same_device("text", text, "the state", state.valid)
     check_attention_mask(attention_mask, text)
     time_mask = media.get("time_mask")
+    check_turn_media_tokens(model, state, text, media, attention_mask)
     resampled = encode_new_media(model, state, text, media)  # (b, t, m, e) or None
     if resampled is not None:
         check_tokens_before_new_media(state)
@@ -260,17 +261,38 @@ def extend(
     return state
 
 
+def check_turn_media_tokens(
+    model: nn.Module, state: GenerationState, text: Tensor, media: dict, attention_mask: Tensor | None
+) -> None:
+    """Raise a ValueError unless, after this turn, each row of the conversation holds one media token per
+    real media item, the earlier turns' tokens and items counted with the new ones. A conversation with no
+    media at all is not checked: its media tokens are ordinary tokens (as in text-only training)."""
+    given = model.media_given(text, **media)
+    if given is None and state.num_media == 0:
+        return
+    check_media_tokens(
+        text,
+        model.media_token_id,
+        attention_mask,
+        media.get("time_mask"),
+        given[1].shape[1] if given is not None else 0,
+        media_name="videos" if given is not None and given[0] == "videos" else "images",
+        earlier_tokens=state.media_count,
+        earlier_items=state.items_per_row(),
+    )
+
+
 def check_tokens_before_new_media(state: GenerationState) -> None:
-    """New items take each row's slots after its last real item; raise if the row's text already
-    holds more media tokens than that (a token for a padded item, or one with no item): the new
-    items would then be read by the wrong tokens."""
+    """New items take each row's slots after its last real item; raise if the row's earlier turns
+    already hold more media tokens than items. (``check_turn_media_tokens`` keeps the two equal once
+    a conversation has media, so this is a conversation that so far ran as text alone.)"""
     items, tokens = state.items_per_row(), state.media_count  # (b,) each
     if bool((tokens > items).any()):
         row = int((tokens > items).nonzero()[0, 0])
         raise ValueError(
-            f"row {row} of the conversation holds {int(tokens[row])} media tokens but only {int(items[row])} real "
-            "media items, so its text holds a media token for a padded item (time_mask False) or for no item; "
-            "new media cannot follow it: give each media token a real item"
+            f"row {row}'s earlier turns hold {int(tokens[row])} <image> tokens but {int(items[row])} media items "
+            "(a conversation without media reads them as ordinary tokens); new media cannot be given to them: "
+            "pass each media item in the turn whose text holds its <image> token"
         )
 
 

@@ -33,7 +33,10 @@ def test_closed_gates_give_the_language_model(tiny_model):
     text = prompt()
     expected = tiny_model(text)
     assert torch.equal(tiny_model(text, images()), expected)
-    assert torch.equal(tiny_model(text, images(), time_mask=torch.tensor([[True, False], [True, True]])), expected)
+    padded = text.clone()
+    padded[0, 7] = 9  # row 0: one image, its second item padding
+    time_mask = torch.tensor([[True, False], [True, True]])
+    assert torch.equal(tiny_model(padded, images(), time_mask=time_mask), tiny_model(padded))
     assert torch.equal(tiny_model(text, image_embeds=torch.randn(2, 2, 4, TINY["dim"])), expected)
     assert torch.equal(tiny_model(text, videos=torch.randn(2, 2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)), expected)
     assert torch.equal(tiny_model.palm(text), expected)
@@ -67,6 +70,7 @@ def test_each_token_is_affected_only_by_the_image_it_follows(tiny_model):
 def test_padded_images_change_nothing(tiny_model):
     open_gates(tiny_model)
     text, pixels = prompt(), images()
+    text[0, 7] = 9  # row 0 has one image; its second item is padding, with no <image> token
     time_mask = torch.tensor([[True, False], [True, True]])
     changed = pixels.clone()
     changed[0, 1] = 5.0

@@ -66,6 +66,7 @@ def test_the_blocks_of_a_cached_step_share_one_immediate_layout(model, monkeypat
     from flamingo_pytorch import immediate_media
 
     text, pixels = prompt(2, 9, media_at=(0, 4)), images(2, 2)
+    text[1, 4] = 7  # row 1 has one image; its second item is padding
     time_mask = torch.tensor([[True, True], [True, False]])
     calls = []
 
@@ -321,11 +322,11 @@ def test_bad_inputs_raise(model):
         model.generate(text, max_new_tokens=-1)
     with pytest.raises(ValueError, match="eos_token_id"):
         model.generate(text, max_new_tokens=2, eos_token_id=TINY["num_tokens"])
-    state = model.prefill(text, images(2, 3))
+    state = model.prefill(prompt(2, 4, media_at=(0, 1, 2)), images(2, 3))
     with pytest.raises(ValueError, match="batch"):
         model.extend(state, prompt(1, 2))
     with pytest.raises(ValueError, match="perceiver_num_time_embeds"):
-        model.extend(state, prompt(2, 2, media_at=(0,)), images(2, 2))
+        model.extend(state, prompt(2, 2, media_at=(0, 1)), images(2, 2))
     with pytest.raises(TypeError, match="GenerationState"):
         model.extend(text, text)
 
@@ -366,14 +367,19 @@ def test_decoding_after_an_autocast_prefill_works_and_matches(model):
     assert torch.isfinite(state.logits).all()
 
 
-def test_a_media_token_for_a_padded_item_cannot_be_followed_by_new_media(model):
-    """Row 1's first turn holds two media tokens, but its second item is padding. A full forward
-    would give the next turn's image to that padded slot's tokens; the conversation refuses."""
+def test_media_tokens_of_a_text_only_past_cannot_be_given_new_media(model):
+    """A conversation without media reads its <image> tokens as ordinary tokens; media that arrive in a
+    later turn cannot be given to them (each item comes in the turn whose text holds its token)."""
+    state = model.prefill(prompt(2, 6, media_at=(0,)))  # text alone: allowed, as in text-only training
+    with pytest.raises(ValueError, match=r"row 0's earlier turns hold 1 <image> tokens but 0 media items"):
+        model.extend(state, prompt(2, 3), images(2, 1))
+    # a token for a padded item is refused at once, by the turn that holds it
     first = prompt(2, 6, media_at=(0, 3))
-    state = model.prefill(first, images(2, 2), time_mask=torch.tensor([[True, True], [True, False]]))
-    with pytest.raises(ValueError, match=r"row 1 .* media token for a padded item"):
-        model.extend(state, prompt(2, 3, media_at=(0,)), images(2, 1))
+    padded = torch.tensor([[True, True], [True, False]])
+    with pytest.raises(ValueError, match=r"row 1 has 2 <image> tokens \(media_token_id=3\) but 1 image"):
+        model.prefill(first, images(2, 2), time_mask=padded)
     # without a token for the padded item, row 1's next image is its second item, as alone
     first[1, 3] = 9
-    state = model.prefill(first, images(2, 2), time_mask=torch.tensor([[True, True], [True, False]]))
+    state = model.prefill(first, images(2, 2), time_mask=padded)
     model.extend(state, prompt(2, 3, media_at=(0,)), images(2, 1))
+    assert state.items_per_row().tolist() == [3, 2] and state.media_count.tolist() == [3, 2]
