@@ -25,6 +25,7 @@ released models have no media-time embeddings (``perceiver_num_time_embeds=None`
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,16 +58,48 @@ def add_openflamingo_tokens(tokenizer, lm: nn.Module) -> tuple[int, int]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or from a ``torch.save`` file read with ``weights_only=True``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from ``.safetensors`` or from a ``torch.save`` file read with ``weights_only=True``.
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+    Raises:
+        ValueError: naming the file, when it is damaged, truncated or empty, not a checkpoint, holds
+            pickled Python objects (never unpickled here), or holds anything but tensors under string keys.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError as error:
+        # torch's text advises weights_only=False, i.e. running the file's code: none of it is passed on
+        raise ValueError(f"cannot read {path}: {unpickling_reason(error)}") from None
+    except Exception as error:  # EOFError, OSError, RuntimeError (zip), SafetensorError: a damaged file
+        first = re.split(r"(?<=\.)\s", str(error).strip())[0] or "end of file"  # its first sentence
+        reason = f"{type(error).__name__}: {first}"
+        raise ValueError(
+            f"cannot read {path}: it is empty, truncated or not a torch.save / safetensors file ({reason})"
+        ) from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
     return dict(state)
+
+
+def unpickling_reason(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, in words that never suggest unpickling anyway."""
+    text = f"{error} {error.__context__ or ''}"
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if found:
+        return (
+            f"it holds a pickled Python object ({found[1]}), not only tensors; load_openflamingo never unpickles "
+            "objects: save the state dict's tensors alone (torch.save(state_dict) or safetensors)"
+        )
+    return "it is damaged or not a checkpoint: its pickle stream is invalid"
 
 
 def load_openflamingo(
@@ -93,15 +126,21 @@ def load_openflamingo(
         ValueError: listing the checkpoint's keys that map to nothing, the trained keys it lacks,
             and the tensors whose shapes differ from the model's.
     """
-    state = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)
+    if isinstance(checkpoint, (str, Path)):
+        state, source = read_checkpoint(checkpoint), str(checkpoint)
+    else:
+        state, source = dict(checkpoint), "the checkpoint"
     gated = sorted({(m["layers"], int(m["i"])) for m in map(GATED.fullmatch, state) if m})
     if not gated or len({layers for layers, _ in gated}) != 1:
         found = sorted({layers for layers, _ in gated})
-        raise ValueError(f"want gated blocks under one lang_encoder.<layers>.<i>.gated_cross_attn_layer: {found}")
+        raise ValueError(
+            f"{source}: want gated blocks under one lang_encoder.<layers>.<i>.gated_cross_attn_layer, found {found}"
+        )
     layers_path, chosen = gated[0][0], [i for _, i in gated]
-    config = sizes(state)
+    config = sizes(state, source)
     mapped, unknown = map_keys(state, layers_path, chosen)
-    check_against(expected_shapes(lm, vision_encoder, len(chosen), config), mapped, unknown, vision_encoder)
+    expected = expected_shapes(lm, vision_encoder, len(chosen), config)
+    check_against(expected, mapped, unknown, vision_encoder, source)
     model = Flamingo(  # only now is lm wrapped: a checkpoint that does not fit leaves it as it was
         lm,
         media_token_id=media_token_id,
@@ -125,34 +164,65 @@ def expected_shapes(lm: nn.Module, vision_encoder: nn.Module | None, blocks: int
         encoder = VisionEncoder(vision_encoder).state_dict()
         shapes.update({f"vision_encoder.{key}": tuple(value.shape) for key, value in encoder.items()})
     with torch.device("meta"):
-        dim = lm.get_input_embeddings().embedding_dim
-        resampler, gated = resampler_and_blocks(blocks, dim=dim, **config)
+        resampler, gated = resampler_and_blocks(blocks, dim=decoder_width(lm), **config)
     shapes.update({f"perceiver_resampler.{key}": tuple(v.shape) for key, v in resampler.state_dict().items()})
     shapes.update({f"gated_cross_attn.{key}": tuple(v.shape) for key, v in gated.state_dict().items()})
     return shapes
 
 
-def sizes(state: dict[str, Tensor]) -> dict:
-    """Flamingo's constructor sizes implied by the checkpoint's resampler and gated blocks."""
+def decoder_width(lm: nn.Module) -> int:
+    """The width of the hidden states between the decoder layers, where the gated blocks sit: the config's
+    ``hidden_size``, which differs from the embeddings' width where the model projects them (OPT-350m's
+    ``word_embed_proj_dim`` 512 against 1024); the embeddings' width for a model without that config."""
+    width = getattr(getattr(lm, "config", None), "hidden_size", None)
+    return width if isinstance(width, int) else lm.get_input_embeddings().embedding_dim
+
+
+def sizes(state: dict[str, Tensor], source: str = "the checkpoint") -> dict:
+    """Flamingo's constructor sizes implied by the checkpoint's resampler and gated blocks.
+
+    Raises:
+        ValueError: naming ``source`` and the tensor, when one that gives a size is missing or has too few dims.
+    """
     if "perceiver.latents" not in state:
-        raise ValueError("the checkpoint has no perceiver.latents: not an OpenFlamingo checkpoint")
+        raise ValueError(f"{source} has no perceiver.latents: not an OpenFlamingo checkpoint")
     if "perceiver.frame_embs" in state:
-        raise ValueError("perceiver.frame_embs: video checkpoints are not supported by Flamingo (images only)")
-    num_latents, media_dim = state["perceiver.latents"].shape
+        raise ValueError(
+            f"{source}: perceiver.frame_embs: video checkpoints are not supported by Flamingo (images only)"
+        )
+    num_latents, media_dim = shape_of(state, "perceiver.latents", 2, source)
     depth = len({key.split(".")[2] for key in state if key.startswith("perceiver.layers.")})
-    query = next(key for key in state if GATED.fullmatch(key) and key.endswith(".attn.to_q.weight"))
-    block = query[: -len("attn.to_q.weight")]
-    inner, dim = state[query].shape
+    if not depth:
+        raise ValueError(f"{source} has no perceiver.layers.*: not an OpenFlamingo checkpoint")
+    inner, dim = shape_of(state, first_block_key(state, "attn.to_q.weight", source), 2, source)
+    hidden = shape_of(state, first_block_key(state, "ff.1.weight", source), 2, source)[0]
     time = state.get("perceiver.media_time_embs")
     return dict(
         media_dim=media_dim,
         dim_head=HEAD_WIDTH,
         heads=inner // HEAD_WIDTH,
-        ff_mult=state[block + "ff.1.weight"].shape[0] // dim,
+        ff_mult=hidden // dim,
         perceiver_depth=depth,
         perceiver_num_latents=num_latents,
-        perceiver_num_time_embeds=None if time is None else time.shape[0],
+        perceiver_num_time_embeds=None if time is None else shape_of(state, "perceiver.media_time_embs", 3, source)[0],
     )
+
+
+def first_block_key(state: dict[str, Tensor], rest: str, source: str) -> str:
+    """The first gated block's key ending in ``rest`` (e.g. ``attn.to_q.weight``)."""
+    key = next((key for key in state if GATED.fullmatch(key) and key.endswith(f".gated_cross_attn_layer.{rest}")), None)
+    if key is None:
+        raise ValueError(
+            f"{source}: no gated block has its {rest} (lang_encoder.<layers>.<i>.gated_cross_attn_layer.{rest})"
+        )
+    return key
+
+
+def shape_of(state: dict[str, Tensor], key: str, ndim: int, source: str) -> tuple[int, ...]:
+    """The shape of ``state[key]``, which must have ``ndim`` dims."""
+    if state[key].ndim != ndim:
+        raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, want {ndim} dims")
+    return tuple(state[key].shape)
 
 
 def map_keys(state: dict[str, Tensor], layers_path: str, chosen: list[int]) -> tuple[dict[str, Tensor], list[str]]:
@@ -198,7 +268,11 @@ def our_key(key: str, layers_path: str, block_of: dict[int, int]) -> str | None:
 
 
 def check_against(
-    expected: dict[str, tuple], mapped: dict[str, Tensor], unknown: list[str], vision_encoder: nn.Module | None
+    expected: dict[str, tuple],
+    mapped: dict[str, Tensor],
+    unknown: list[str],
+    vision_encoder: nn.Module | None,
+    source: str = "the checkpoint",
 ) -> None:
     """Raise ValueError unless every key has a place of the same shape and every trained tensor is given."""
     unknown = unknown + sorted(key for key in mapped if key not in expected)
@@ -216,6 +290,6 @@ def check_against(
         if any(key.startswith("vision_encoder.") for key in unknown) and vision_encoder is None:
             hint += " (the checkpoint holds vision encoder weights: pass vision_encoder=)"
         raise ValueError(
-            f"cannot load the OpenFlamingo checkpoint: unknown keys {unknown}, missing keys {missing}, "
+            f"cannot load {source} as an OpenFlamingo checkpoint: unknown keys {unknown}, missing keys {missing}, "
             f"mis-shaped {misshaped}{hint}"
         )

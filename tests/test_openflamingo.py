@@ -12,7 +12,7 @@ absent.
 from __future__ import annotations
 
 import copy
-import pickle
+import traceback
 
 import pytest
 import torch
@@ -28,7 +28,12 @@ from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
 MEDIA, END_OF_CHUNK, PAD, VOCAB = 3, 4, 0, 64
-LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}
+LAYERS = {
+    "llama": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "mpt": "transformer.blocks",
+    "opt_projected": "model.decoder.layers",
+}
 VISION_WIDTH, IMAGE = 48, 32
 
 
@@ -38,10 +43,26 @@ def tiny_clip():
     return open_clip.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text).eval()
 
 
+def opt_projected():
+    """OPT-350m's layout in small: embeddings 16 wide, projected to the decoder layers' 32 and back."""
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        num_hidden_layers=3,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.OPTForCausalLM(config)
+
+
 def build_theirs(family: str, every: int):
     """(OpenFlamingo's model, as trained: open gates and new token rows; a plain copy of its LM; of its CLIP)."""
     torch.manual_seed(0)
-    lm, clip = FAMILIES[family]().eval(), tiny_clip()
+    lm, clip = {**FAMILIES, "opt_projected": opt_projected}[family]().eval(), tiny_clip()
     plain_lm, plain_clip = copy.deepcopy(lm), copy.deepcopy(clip)
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name(LAYERS[family])
@@ -52,7 +73,9 @@ def build_theirs(family: str, every: int):
             if block is not None:
                 block.attn_gate.uniform_(0.3, 1.0)
                 block.ff_gate.uniform_(0.3, 1.0)
-        lm.get_input_embeddings().weight[[MEDIA, END_OF_CHUNK]] = torch.randn(2, lm.config.hidden_size)
+        lm.get_input_embeddings().weight[[MEDIA, END_OF_CHUNK]] = torch.randn(
+            2, lm.get_input_embeddings().embedding_dim
+        )
     return theirs.eval(), plain_lm, plain_clip
 
 
@@ -129,8 +152,65 @@ def test_safetensors_and_refusing_pickled_objects(tmp_path):
     assert torch.equal(ours.perceiver_resampler.latents, theirs.perceiver.latents)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"perceiver.latents": torch.zeros(1), "extra": copy.deepcopy}, unsafe)  # a pickled global
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"unsafe.pt: it holds a pickled Python object \(copy.deepcopy\)") as error:
         load_openflamingo(unsafe, lm, media_token_id=MEDIA, vision_encoder=clip)
+    assert_no_advice_to_unpickle(error.value)
+
+
+def assert_no_advice_to_unpickle(error: BaseException) -> None:
+    """Neither the error nor what its traceback prints (causes, contexts) tells the user to run the file's code."""
+    printed = "".join(traceback.format_exception(error))
+    for advice in ("weights_only=False", "`weights_only` set to `False`", "add_safe_globals", "safe_globals"):
+        assert advice not in printed
+
+
+def test_unreadable_checkpoint_files_raise_one_value_error_naming_the_file(tmp_path):
+    """Empty, truncated (at many points), random bytes, as .pt and .safetensors: a ValueError naming the file."""
+    from safetensors.torch import save_file
+
+    theirs, lm, clip = build_theirs("llama", 2)
+    state = released(theirs)
+    torch.save(state, tmp_path / "good.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "good.safetensors"))
+    torch.manual_seed(3)
+    noise = bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist())
+    contents = {}
+    for suffix in (".pt", ".safetensors"):
+        data = (tmp_path / f"good{suffix}").read_bytes()
+        # with torch 2.x, a .pt cut at 0 bytes gives EOFError, at 8192 OSError (Errno 22), elsewhere RuntimeError
+        contents.update({f"cut{cut}{suffix}": data[:cut] for cut in (0, 64, 8192, len(data) // 2, len(data) - 1)})
+        contents[f"noise{suffix}"] = noise
+    for name, data in contents.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"cannot read {path}") as error:
+            load_openflamingo(path, lm, media_token_id=MEDIA, vision_encoder=clip)
+        assert_no_advice_to_unpickle(error.value)
+    load_openflamingo(tmp_path / "good.pt", lm, media_token_id=MEDIA, vision_encoder=clip)  # the intact file loads
+
+
+def test_a_checkpoint_without_what_gives_the_sizes_is_named_and_leaves_the_lm_alone(tmp_path):
+    theirs, lm, clip = build_theirs("llama", 1)
+    before = {name: p.detach().clone() for name, p in lm.named_parameters()}
+    state = released(theirs)
+    block = "lang_encoder.model.layers.1.gated_cross_attn_layer."
+    cases = {
+        "no_ff.pt": ({k: v for k, v in state.items() if not k.endswith("ff.1.weight")}, "no gated block has its ff.1"),
+        "no_q.pt": ({k: v for k, v in state.items() if not k.endswith("to_q.weight")}, "no gated block has its attn"),
+        "flat.pt": ({**state, "perceiver.latents": torch.zeros(8)}, r"perceiver.latents has shape \(8,\), want 2"),
+        "one_ff.pt": (
+            {k: v for k, v in state.items() if k != block + "ff.1.weight"},
+            r"missing keys \['gated_cross_attn.1.ff.1.weight'\]",
+        ),
+    }
+    for name, (bad, message) in cases.items():
+        torch.save(bad, tmp_path / name)
+        with pytest.raises(ValueError, match=f"{tmp_path / name}.*{message}"):
+            load_openflamingo(tmp_path / name, lm, media_token_id=MEDIA, vision_encoder=clip)
+    with pytest.raises(ValueError, match=r"^the checkpoint: no gated block"):  # a state dict given as it is
+        load_openflamingo(cases["no_q.pt"][0], lm, media_token_id=MEDIA, vision_encoder=clip)
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in lm.model.layers)
+    assert all(p.requires_grad and torch.equal(p, before[name]) for name, p in lm.named_parameters())
 
 
 def test_unknown_missing_and_misshaped_keys_are_listed_and_the_model_is_left_as_it_was():
