@@ -150,28 +150,25 @@ class Flamingo(nn.Module):
         yield from self.token_rows.parameters()
 
     def trained_state_dict(self) -> dict[str, Tensor]:
-        """The part of the state dict that Flamingo trains (what ``save_trained`` writes)."""
-        return {key: value for key, value in self.state_dict().items() if key.startswith(TRAINED)}
+        """What Flamingo trains, by parameter name (what ``save_trained`` writes; see ``trained_weights``)."""
+        from flamingo_pytorch.trained_weights import trained_tensors
+
+        return {key: value.detach() for key, value in trained_tensors(self).items()}
 
     def save_trained(self, path: str) -> None:
-        """Write only what Flamingo trains to a safetensors file (the language model and encoder are not in it)."""
-        from safetensors.torch import save_file
+        """Write only what Flamingo trains, and its layout, to a safetensors file (``trained_weights.save_trained``)."""
+        from flamingo_pytorch.trained_weights import save_trained
 
-        save_file({key: value.contiguous() for key, value in self.trained_state_dict().items()}, path)
+        save_trained(self, path)
 
     def load_trained(self, path: str) -> None:
         """Load ``save_trained``'s file onto this model (a fresh LM and encoder wrapped the same way).
 
-        Raises ValueError listing missing, unexpected or mis-shaped keys.
+        Raises ValueError naming what differs: the layout (e.g. ``cross_attn_layers``), keys or shapes.
         """
-        from safetensors.torch import load_file
+        from flamingo_pytorch.trained_weights import load_trained
 
-        loaded, expected = load_file(path), self.trained_state_dict()
-        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
-        misshaped = [k for k in loaded.keys() & expected.keys() if loaded[k].shape != expected[k].shape]
-        if missing or unexpected or misshaped:
-            raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}, mis-shaped {misshaped}")
-        self.load_state_dict(loaded, strict=False)
+        load_trained(self, path)
 
     def forward(
         self,
