@@ -20,6 +20,9 @@ setup(
         "timm": ["timm>=1"],
         "examples": ["tqdm", "matplotlib", "safetensors", "scikit-learn"],
         "data": ["webdataset", "Pillow", "numpy"],
+        "peft": ["peft>=0.21"],
+        "quant": ["torchao>=0.18"],  # int8 weight-only quantization of the frozen LM, CPU or GPU
+        "nf4": ["bitsandbytes>=0.46.1"],  # 4-bit NF4 loading through transformers (a GPU's)
         "test": ["pytest", "ruff"],
     },
     keywords=["artificial intelligence", "deep learning", "visual language model", "few-shot", "flamingo"],
