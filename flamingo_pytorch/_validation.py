@@ -29,6 +29,18 @@ def check_bool(name: str, value: Tensor) -> None:
         raise TypeError(f"{name} must be a bool tensor (True = present), got dtype {value.dtype}")
 
 
+def check_mask(name: str, value: Tensor) -> Tensor:
+    """A boolean mask given as bool or as 0/1 integers (as transformers accepts its attention_mask) -> bool."""
+    check_tensor(name, value)
+    if value.dtype == torch.bool:
+        return value
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must be a bool tensor (True = present) or 0/1 integers, got dtype {value.dtype}")
+    if ((value != 0) & (value != 1)).any():
+        raise ValueError(f"{name} holds integers other than 0 and 1: {value.unique().tolist()[:8]}")
+    return value.bool()
+
+
 def check_shape(name: str, value: Tensor, expected: tuple[int, ...], layout: str) -> None:
     if tuple(value.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(value.shape)}")
@@ -52,11 +64,12 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
-def check_time_mask(time_mask: Tensor, shape: tuple[int, int], reference_name: str, reference: Tensor) -> None:
-    """time_mask: a (batch, media items) bool tensor on the device of ``reference``."""
-    check_bool("time_mask", time_mask)
+def check_time_mask(time_mask: Tensor, shape: tuple[int, int], reference_name: str, reference: Tensor) -> Tensor:
+    """time_mask: a (batch, media items) bool or 0/1 integer tensor on the device of ``reference`` -> as bool."""
+    time_mask = check_mask("time_mask", time_mask)
     check_shape("time_mask", time_mask, shape, "(batch, media items)")
     check_same_device("time_mask", time_mask, reference_name, reference)
+    return time_mask
 
 
 def check_media_tokens(

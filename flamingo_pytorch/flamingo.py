@@ -12,6 +12,11 @@ the fusion layers through a ``MediaState``, calls the language model as it is (a
 model keeps its own ``generate``: beam search, stopping criteria, streamers, its KV cache), and
 clears the state after, also on error. With the gates closed (as built) the logits are the
 language model's, exactly.
+
+Precision (see docs/your_own_lm.md, "Precision"): what trains is created on the language model's
+device in float32 (master weights; float64 for a float64 model) and computes in the language
+model's dtype: under ``torch.autocast`` to bfloat16 or float16 when the model is in one of them.
+Media and the gated blocks' outputs come back in the hidden states' dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_media_tokens, check_ndim, check_positive, check_time_mask
-from flamingo_pytorch.fusion import FusionLayer, MediaState, media_index, resampler_and_blocks
+from flamingo_pytorch.fusion import FusionLayer, MediaState, compute_in, media_index, resampler_and_blocks
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
 
@@ -56,6 +61,42 @@ def tokens_in_cache(lm_kwargs: dict) -> int:
     return int(position[0]) if position is not None and position.numel() else 0
 
 
+def decoder_width(lm: nn.Module) -> int:
+    """d, the width of the hidden states the decoder layers read and return (the gated blocks' width).
+
+    The config's ``hidden_size`` (of its text part, for a multimodal config) where there is one:
+    every transformers decoder names its layers' width so (GPT-2's ``n_embd`` and MPT's ``d_model``
+    are aliases), and it differs from the input embedding's width where the model projects its
+    embeddings first (OPT-350m: 512-wide embeddings, ``project_in`` to 1024-wide layers). Without a
+    config (a model of your own), the input embedding's width.
+    """
+    config = getattr(lm, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    width = getattr(config, "hidden_size", None)
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        return width
+    return lm.get_input_embeddings().embedding_dim
+
+
+def check_media_token_id(media_token_id: object, embedding: nn.Module) -> None:
+    """The media token must be a row of the input embedding (forgetting to add it and resize is common)."""
+    vocab = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    if isinstance(media_token_id, bool) or not isinstance(media_token_id, int) or not 0 <= media_token_id < vocab:
+        raise ValueError(
+            f"media_token_id must be a token id in [0, {vocab}) (the vocabulary size of lm.get_input_embeddings()), "
+            f"got {media_token_id!r}: add the token and resize the embeddings (add_flamingo_tokens(tokenizer, lm))"
+        )
+
+
+def check_input_ids(input_ids: object) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.dtype == torch.bool or input_ids.is_floating_point():
+        got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+    if input_ids.is_complex():
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+
+
 TRAINED = ("perceiver_resampler.", "gated_cross_attn.", "token_rows.")  # state-dict prefixes of what trains
 
 
@@ -68,7 +109,8 @@ class Flamingo(nn.Module):
         vision_encoder: the image encoder, frozen: an open_clip, transformers or timm vision model,
             or any module mapping images (B, c, H, W) to features (B, p, e) (see ``VisionEncoder``);
             optional when ``image_embeds`` are passed instead.
-        media_dim: e, the feature width of the vision encoder (default: the text width).
+        media_dim: e, the feature width of the vision encoder (default: the encoder's width when it can
+            be read off it (open_clip, transformers, timm), else the text width).
         cross_attn_every: a gated block before every this many decoder layers (0, N, 2N, ...).
         cross_attn_layers: the indices of the decoder layers that get a gated block, instead of
             ``cross_attn_every`` (OpenFlamingo's models: N - 1, 2N - 1, ...).
@@ -105,37 +147,58 @@ class Flamingo(nn.Module):
         layers = find_decoder_layers(lm) if layers is None else layers
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"layers must be an nn.ModuleList, got {type(layers).__name__}")
-        dim = lm.get_input_embeddings().embedding_dim
-        media_dim = dim if media_dim is None else media_dim
+        if any(isinstance(layer, FusionLayer) for layer in layers):
+            raise ValueError("lm is already wrapped by a Flamingo (its layers are FusionLayers): wrap the plain model")
+        embedding = lm.get_input_embeddings()
+        check_media_token_id(media_token_id, embedding)
+        dim = decoder_width(lm)
         self.media_token_id = media_token_id
         self.lm = lm
         self.vision_encoder = VisionEncoder(vision_encoder) if vision_encoder is not None else None
+        media_dim = self.media_width(media_dim, dim)
         chosen = range(0, len(layers), cross_attn_every) if cross_attn_layers is None else list(cross_attn_layers)
         if not chosen or sorted(set(chosen)) != list(chosen) or not 0 <= chosen[0] <= chosen[-1] < len(layers):
             raise ValueError(f"cross_attn_layers must be increasing indices in [0, {len(layers)}), got {chosen}")
         self.cross_attn_layers = list(chosen)  # the decoder layer each gated block precedes
-        self.perceiver_resampler, self.gated_cross_attn = resampler_and_blocks(
-            len(chosen),
-            dim=dim,
-            media_dim=media_dim,
-            dim_head=dim_head,
-            heads=heads,
-            ff_mult=ff_mult,
-            perceiver_depth=perceiver_depth,
-            perceiver_num_latents=perceiver_num_latents,
-            perceiver_num_time_embeds=perceiver_num_time_embeds,
-            only_attend_immediate_media=only_attend_immediate_media,
-        )
+        # What trains lives on the LM's device, in float32 or wider (master weights; see "Precision").
+        master_dtype = torch.promote_types(embedding.weight.dtype, torch.float32)
+        with torch.device(embedding.weight.device):
+            resampler, blocks = resampler_and_blocks(
+                len(chosen),
+                dim=dim,
+                media_dim=media_dim,
+                dim_head=dim_head,
+                heads=heads,
+                ff_mult=ff_mult,
+                perceiver_depth=perceiver_depth,
+                perceiver_num_latents=perceiver_num_latents,
+                perceiver_num_time_embeds=perceiver_num_time_embeds,
+                only_attend_immediate_media=only_attend_immediate_media,
+            )
+        self.perceiver_resampler, self.gated_cross_attn = resampler.to(master_dtype), blocks.to(master_dtype)
         self.state = MediaState()
         for block, i in zip(self.gated_cross_attn, chosen):
             layers[i] = FusionLayer(layers[i], block, self.state)
         lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
-        self.token_rows = TrainedTokenRows(lm.get_input_embeddings(), train_token_ids)
+        self.token_rows = TrainedTokenRows(embedding, train_token_ids).to(master_dtype)
         if train_token_ids:
             lm.get_input_embeddings().register_forward_hook(self.token_rows.replace_rows)
         lm.requires_grad_(False)
         if self.vision_encoder is not None:
             self.vision_encoder.requires_grad_(False).eval()
+
+    def media_width(self, media_dim: int | None, dim: int) -> int:
+        """e: ``media_dim``, checked against the vision encoder's width where it can be read; by
+        default that width, or the text width d."""
+        width = self.vision_encoder.feature_width if self.vision_encoder is not None else None
+        if media_dim is not None and width is not None and media_dim != width:
+            raise ValueError(f"media_dim={media_dim} but the vision encoder returns features of width {width}")
+        return media_dim if media_dim is not None else width if width is not None else dim
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """The dtype the language model computes in (its input embedding's): media and gated blocks follow it."""
+        return self.lm.get_input_embeddings().weight.dtype
 
     def train(self, mode: bool = True) -> Flamingo:
         super().train(mode)
@@ -186,10 +249,11 @@ class Flamingo(nn.Module):
             input_ids: (b, n) token ids; ``media_token_id`` marks each media item's place.
             images: (b, t, c, H, W), encoded by ``vision_encoder``.
             image_embeds: (b, t, p, e) precomputed features, instead of ``images``.
-            time_mask: (b, t) bool, True for real media items, False for padding.
+            time_mask: (b, t) bool (or 0/1 integers), True for real media items, False for padding.
             attention_mask: (b, n), 1/True for real tokens, 0/False for padding.
             **lm_kwargs: passed to the language model (``labels``, ``past_key_values``, ...).
         """
+        check_input_ids(input_ids)
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
         if media is not None and tokens_in_cache(lm_kwargs) == 0:  # (a call continuing a cache: counted at its prompt)
             check_media_tokens(input_ids, self.media_token_id, attention_mask, time_mask, media.shape[1])
@@ -210,6 +274,7 @@ class Flamingo(nn.Module):
         """The language model's own ``generate`` with the media read by every step; ``media_token_id``
         is never generated. Media are encoded, resampled and projected once per gated block; beam
         search and ``num_return_sequences`` repeat them for their rows."""
+        check_input_ids(input_ids)
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
         if media is not None:  # input_ids: the whole prompt, cached part included
             check_media_tokens(input_ids, self.media_token_id, attention_mask, time_mask, media.shape[1])
@@ -223,7 +288,8 @@ class Flamingo(nn.Module):
     def media(self, media: Tensor | None, time_mask: Tensor | None):
         """The fusion layers read ``media`` (b, t, m, e) inside; the state is cleared after, also on error."""
         self.state.clear()
-        self.state.media, self.state.time_mask = media, time_mask
+        self.state.media = media
+        self.state.time_mask = time_mask.bool() if time_mask is not None else None  # 0/1 integers allowed
         try:
             yield
         finally:
@@ -268,7 +334,18 @@ class Flamingo(nn.Module):
         if time_mask is not None:
             check_time_mask(time_mask, tuple(given.shape[:2]), "input_ids", input_ids)
         features = given if images is None else self.encode_images(images)
-        return self.perceiver_resampler(features)  # (b, t, m, e)
+        width = self.perceiver_resampler.dim
+        if features.shape[-1] != width:
+            source = "image_embeds have" if images is None else "the vision encoder returns"
+            raise ValueError(
+                f"{source} features of width {features.shape[-1]} but Flamingo was built with media_dim={width} "
+                f"(default: the text width): pass media_dim={features.shape[-1]} to Flamingo"
+            )
+        dtype = self.working_dtype
+        if not features.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {features.dtype}")
+        with compute_in(dtype, features.device):
+            return self.perceiver_resampler(features.to(dtype))  # (b, t, m, e)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Run the frozen vision encoder on (b, t, c, H, W) -> (b, t, p, e)."""

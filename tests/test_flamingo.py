@@ -272,3 +272,101 @@ def test_save_and_load_only_what_trains(tmp_path):
     other, _ = build(cross_attn_every=1)
     with pytest.raises(ValueError, match=r"missing keys .*gated_cross_attn.2"):
         other.load_trained(str(path))
+
+
+def test_opt_with_embeddings_narrower_than_its_layers():
+    """OPT-350m's layout: 16-wide embeddings projected to 32-wide decoder layers; the blocks are 32 wide."""
+    from flamingo_pytorch.flamingo import decoder_width
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        word_embed_proj_dim=16,
+        num_hidden_layers=3,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    lm = transformers.OPTForCausalLM(config).eval()
+    original = copy.deepcopy(lm)
+    assert decoder_width(lm) == WIDTH and lm.get_input_embeddings().embedding_dim == 16
+    model = Flamingo(lm, media_token_id=MEDIA, dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4)
+    text, features = prompt(2, 7, media_at=(1,)), torch.randn(2, 1, 5, WIDTH)
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=features).logits, original(input_ids=text).logits)
+        open_gates(model, 0.8)
+        assert not torch.equal(model(text, image_embeds=features).logits, original(input_ids=text).logits)
+
+
+def vision_encoders(width: int) -> dict:
+    """Tiny encoders of each kind whose feature width can be read off them."""
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=width, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    encoders = {"transformers": lambda: transformers.CLIPVisionModel(clip)}
+    timm = pytest.importorskip("timm")
+    encoders["timm"] = lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=width, depth=1, num_heads=2
+    )
+    open_clip = pytest.importorskip("open_clip")
+    vision = open_clip.CLIPVisionCfg(layers=1, width=width, head_width=12, image_size=8, patch_size=4)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=16, heads=2, layers=1)
+    encoders["open_clip"] = lambda: open_clip.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text)
+    return encoders
+
+
+@pytest.mark.parametrize("kind", ["transformers", "timm", "open_clip"])
+def test_media_dim_is_read_off_the_vision_encoder(kind):
+    encoder = vision_encoders(24)[kind]()
+    sizes = dict(dim_head=8, heads=2, perceiver_depth=1, perceiver_num_latents=4)
+    model = Flamingo(llama(), media_token_id=MEDIA, vision_encoder=encoder, **sizes)
+    assert model.perceiver_resampler.dim == 24 and model.gated_cross_attn[0].attn.media_dim == 24
+    out = model(prompt(2, 6), torch.randn(2, 1, 3, 8, 8)).logits
+    assert out.shape == (2, 6, VOCAB)
+    with pytest.raises(ValueError, match="media_dim=32 but the vision encoder returns features of width 24"):
+        Flamingo(llama(), media_token_id=MEDIA, vision_encoder=encoder, media_dim=32, **sizes)
+
+
+def test_media_of_another_width_name_media_dim():
+    encoder = nn.Sequential(nn.Conv2d(3, 24, 4, stride=4), nn.Flatten(2), Transpose())  # width unknown until run
+    model = Flamingo(llama(), media_token_id=MEDIA, vision_encoder=encoder, dim_head=8, heads=2, perceiver_depth=1)
+    with pytest.raises(ValueError, match=r"the vision encoder returns features of width 24 .* pass media_dim=24"):
+        model(prompt(2, 6), torch.randn(2, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"image_embeds have features of width 24 .*media_dim=32"):
+        model(prompt(2, 6), image_embeds=torch.randn(2, 1, 5, 24))
+
+
+def test_token_ids_outside_the_vocabulary_and_wrapping_twice_raise():
+    for token in (VOCAB, 5000, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"media_token_id must be a token id in \[0, {VOCAB}\).*got {token}"):
+            Flamingo(llama(), media_token_id=token)
+    model, _ = build()
+    with pytest.raises(ValueError, match="lm is already wrapped by a Flamingo"):
+        Flamingo(model.lm, media_token_id=MEDIA)
+    for ids in (prompt(2, 5).float(), prompt(2, 5).bool()):
+        with pytest.raises(TypeError, match=f"input_ids must be an integer tensor of token ids, got {ids.dtype}"):
+            model(ids, image_embeds=torch.randn(2, 1, 5, WIDTH))
+        with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+            model.generate(ids, max_new_tokens=1)
+
+
+def test_time_mask_of_0_1_integers_equals_a_bool_one_in_both_models(tiny_model):
+    model, _ = build()
+    open_gates(model, 0.8)
+    text, features = prompt(2, 7, media_at=(1, 4)), torch.randn(2, 2, 5, WIDTH)
+    time_mask = torch.tensor([[True, True], [True, False]])
+    text[1, 4] = 7  # row 1: one image, its second item padded
+    with torch.no_grad():
+        want = model(text, image_embeds=features, time_mask=time_mask).logits
+        assert torch.equal(model(text, image_embeds=features, time_mask=time_mask.long()).logits, want)
+        with pytest.raises(ValueError, match=r"time_mask holds integers other than 0 and 1: \[0, 2\]"):
+            model(text, image_embeds=features, time_mask=time_mask.long() * 2)
+        open_gates(tiny_model, 0.8)
+        text = torch.randint(4, 64, (2, 7))
+        text[:, 1], text[0, 4] = MEDIA, MEDIA
+        images = torch.randn(2, 2, 3, 8, 8)
+        want = tiny_model(text, images, time_mask=time_mask)
+        assert torch.equal(tiny_model(text, images, time_mask=time_mask.to(torch.uint8)), want)
+        with pytest.raises(ValueError, match="time_mask holds integers other than 0 and 1"):
+            tiny_model(text, images, time_mask=time_mask.long() - 1)
