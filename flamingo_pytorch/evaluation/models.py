@@ -1,0 +1,193 @@
+"""What the evaluation asks of a model: captions and answers by generation, class scores by likelihood.
+
+``EvalModel`` wraps a ``Flamingo`` (over a transformers language model) or a ``FlamingoPaLM`` with
+its tokenizer and image transform, and talks to them only through their public methods. It
+batches as OpenFlamingo's evaluation does: prompts tokenized together, left-padded (longest, at
+most 2,000 tokens), with their ``attention_mask``; each row's images stacked in order and padded
+with zero images that ``time_mask`` marks False.
+
+Class scores (rank classification): the log-likelihood of each class name's tokens after the
+prompt, averaged over its tokens (OpenFlamingo's ``normalize_length=True``). The prompt runs once
+per batch, not once per class:
+
+- ``Flamingo``: the prompt's media are resampled once and held by ``Flamingo.media`` while the
+  language model runs the prompt with its key/value cache; each class name then runs from that
+  cache (its first token's score comes from the prompt's last logits), and the cache is cropped
+  back to the prompt after it. Cost per class: one forward over the class name's tokens but one.
+- ``FlamingoPaLM``: ``prefill`` runs the prompt once; each class name extends a copy of that
+  state token by token (copying the cache costs memory traffic, not model compute).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_pytorch.evaluation.datasets import load_image
+from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK
+
+MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
+
+
+def as_image(image):
+    return load_image(image) if isinstance(image, str) else image
+
+
+class EvalModel:
+    """A Flamingo with its tokenizer and image transform, as the evaluation harness calls it.
+
+    Args:
+        model: a ``Flamingo`` or a ``FlamingoPaLM``, already holding its weights.
+        tokenizer: a transformers tokenizer that knows ``<image>`` and ``<|endofchunk|>``.
+        image_transform: PIL image -> (c, H, W) float tensor (e.g. open_clip's preprocess).
+        device: where inputs go (default: the model's parameters' device).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, image_transform: Callable, device: torch.device | None = None):
+        from flamingo_pytorch.flamingo import Flamingo
+        from flamingo_pytorch.flamingo_palm import FlamingoPaLM
+
+        if not isinstance(model, (Flamingo, FlamingoPaLM)):
+            raise TypeError(f"model must be a Flamingo or a FlamingoPaLM, got {type(model).__name__}")
+        self.model, self.tokenizer, self.image_transform = model.eval(), tokenizer, image_transform
+        self.is_palm = isinstance(model, FlamingoPaLM)
+        self.device = device if device is not None else next(model.parameters()).device
+        self.tokenizer.padding_side = "left"
+        self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK)
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def prepare_images(self, batch_images: Sequence[Sequence]) -> tuple[Tensor, Tensor]:
+        """Lists of images (paths or PIL) -> images (b, t, c, H, W) and time_mask (b, t), zero-padded."""
+        pixels = [[self.image_transform(as_image(image)) for image in row] for row in batch_images]
+        shape = next(tensor.shape for row in pixels for tensor in row)
+        count = max(len(row) for row in pixels)
+        images = torch.zeros(len(pixels), count, *shape)  # (b, t, c, H, W)
+        time_mask = torch.zeros(len(pixels), count, dtype=torch.bool)  # (b, t)
+        for i, row in enumerate(pixels):
+            for j, tensor in enumerate(row):
+                images[i, j], time_mask[i, j] = tensor, True
+        return images.to(self.device), time_mask.to(self.device)
+
+    def prepare_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> input_ids (b, n) and attention_mask (b, n) bool, left-padded to the longest."""
+        encoded = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
+        )
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].bool().to(self.device)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        texts: Sequence[str],
+        batch_images: Sequence[Sequence],
+        *,
+        min_new_tokens: int = 0,
+        max_new_tokens: int = 20,
+        num_beams: int = 3,
+        length_penalty: float = 0.0,
+    ) -> list[str]:
+        """Each prompt's continuation, decoded without special tokens, stopping at ``<|endofchunk|>``.
+
+        ``Flamingo``: the language model's beam search (OpenFlamingo's settings). ``FlamingoPaLM``
+        has no beam search: it decodes greedily (``num_beams``, ``min_new_tokens`` and
+        ``length_penalty`` then do not apply).
+        """
+        input_ids, attention_mask = self.prepare_text(texts)
+        images, time_mask = self.prepare_images(batch_images)
+        if self.is_palm:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            out = self.model.generate(
+                input_ids, images, time_mask=time_mask, attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=self.end_of_chunk_id, pad_token_id=pad,
+            )  # fmt: skip
+        else:
+            out = self.model.generate(
+                input_ids, images, time_mask=time_mask, attention_mask=attention_mask,
+                min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                length_penalty=length_penalty, eos_token_id=self.end_of_chunk_id,
+            )  # fmt: skip
+        return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+    # -- rank classification -----------------------------------------------------------------------
+
+    def class_tokens(self, class_names: Sequence[str]) -> list[Tensor]:
+        """Each class name's token ids (1, L), tokenized alone, without special tokens."""
+        return [
+            self.tokenizer(name, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+            for name in class_names
+        ]
+
+    @torch.inference_mode()
+    def class_log_likelihoods(
+        self, texts: Sequence[str], batch_images: Sequence[Sequence], class_names: Sequence[str]
+    ) -> Tensor:
+        """(b, C) float: each class name's mean token log-probability after each prompt."""
+        input_ids, attention_mask = self.prepare_text(texts)
+        images, time_mask = self.prepare_images(batch_images)
+        tokens = self.class_tokens(class_names)
+        if self.is_palm:
+            scores = self.palm_scores(input_ids, attention_mask, images, time_mask, tokens)
+        else:
+            scores = self.cached_scores(input_ids, attention_mask, images, time_mask, tokens)
+        return torch.stack(scores, dim=1).float().cpu()  # (b, C)
+
+    def cached_scores(
+        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+    ) -> list[Tensor]:
+        model, b, n = self.model, input_ids.shape[0], input_ids.shape[1]
+        media = model.encode_media(input_ids, images, None, time_mask)  # (b, t, m, e)
+        scores = []
+        with model.media(media, time_mask):
+            prompt = model.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+            cache, last = prompt.past_key_values, prompt.logits[:, -1:]  # (b, 1, v)
+            for name in tokens:
+                name = name.expand(b, -1)  # (b, L)
+                logits = last
+                if name.shape[1] > 1:
+                    mask = torch.cat((attention_mask, torch.ones_like(name[:, :-1], dtype=torch.bool)), dim=1)
+                    rest = model.lm(input_ids=name[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                    logits = torch.cat((last, rest.logits), dim=1)  # (b, L, v)
+                    cache.crop(n)
+                scores.append(mean_log_probability(logits, name))
+        return scores
+
+    def palm_scores(
+        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+    ) -> list[Tensor]:
+        state = self.model.prefill(input_ids, images, time_mask=time_mask, attention_mask=attention_mask)
+        scores = []
+        for name in tokens:
+            name = name.expand(input_ids.shape[0], -1)  # (b, L)
+            logits, branch = [state.logits], None
+            for i in range(name.shape[1] - 1):
+                if branch is None:
+                    with torch.inference_mode():
+                        branch = copy.deepcopy(state)
+                branch = self.model.extend(branch, name[:, i : i + 1])
+                logits.append(branch.logits)
+            scores.append(mean_log_probability(torch.stack(logits, dim=1), name))  # logits (b, L, v)
+        return scores
+
+    # -- RICES -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def vision_features(self, images: Sequence) -> Tensor:
+        """(b, e): the model's own vision encoder's features of each image, averaged over patches."""
+        encoder = self.model.img_encoder if self.is_palm else self.model.vision_encoder
+        if encoder is None:
+            raise ValueError("RICES needs the model's vision encoder, and this model was built without one")
+        pixels = torch.stack([self.image_transform(as_image(image)) for image in images]).to(self.device)
+        features = encoder(pixels)  # (b, p, e) or (b, e)
+        return features.mean(dim=1) if features.ndim == 3 else features
+
+
+def mean_log_probability(logits: Tensor, tokens: Tensor) -> Tensor:
+    """logits (b, L, v) predicting tokens (b, L) -> (b,) mean log-probability of the tokens."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(2, tokens[:, :, None]).squeeze(-1).mean(dim=1)

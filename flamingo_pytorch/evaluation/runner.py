@@ -1,0 +1,146 @@
+"""Running the benchmark: tasks x shots x trials, and writing results, predictions and a table.
+
+``run`` is what ``python -m flamingo_pytorch.evaluate`` calls: for each task whose files are given,
+for each number of shots, one trial per seed; it writes under ``output_dir``:
+
+    results.json                  {task: [{"shots", "trials", "mean", "stddev"}]} (OpenFlamingo's layout)
+    results.md                    the same as a Markdown table (mean +- std over trials)
+    predictions/<task>_<shots>shot_seed<seed>.json
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flamingo_pytorch.evaluation import datasets, tasks
+from flamingo_pytorch.evaluation.demonstrations import RicesDemonstrations
+
+CAPTIONING, VQA = ("coco", "flickr30"), ("vqav2", "ok_vqa", "textvqa", "vizwiz")
+CLASSIFICATION = ("imagenet", "hateful_memes")
+TASKS = (*CAPTIONING, *VQA, *CLASSIFICATION)
+METRIC = {**dict.fromkeys(CAPTIONING, "CIDEr"), **dict.fromkeys(VQA, "VQA acc."), "imagenet": "top-1 acc."}
+METRIC["hateful_memes"] = "ROC AUC"
+
+
+@dataclass
+class TaskData:
+    """One task's examples: training (demonstrations), test (evaluated) and what scores them."""
+
+    train: list[dict]
+    test: list[dict]
+    references: dict | None = None  # captioning: image id -> captions
+    annotations: dict | None = None  # VQA: question id -> annotation record
+    class_names: list[str] | None = None  # classification
+
+
+def caption_data(karpathy_json: str, image_root: str, dataset: str, references_json: str | None) -> TaskData:
+    train = datasets.read_karpathy_captions(karpathy_json, image_root, "train", dataset)
+    test = datasets.read_karpathy_captions(karpathy_json, image_root, "test", dataset)
+    references = datasets.read_coco_references(references_json) if references_json else None
+    return TaskData(train, test, references=references)
+
+
+def vqa_data(paths: dict, name: str) -> TaskData:
+    """``paths``: {train,test}_{questions_json,annotations_json,image_dir}."""
+    train = datasets.read_vqa(
+        paths["train_questions_json"], paths["train_annotations_json"], paths["train_image_dir"], name
+    )
+    test_annotations = paths.get("test_annotations_json")
+    test = datasets.read_vqa(paths["test_questions_json"], test_annotations, paths["test_image_dir"], name)
+    annotations = None
+    if test_annotations:
+        annotations = {r["question_id"]: r for r in datasets.read_json(test_annotations)["annotations"]}
+    return TaskData(train, test, annotations=annotations)
+
+
+def hateful_memes_data(train_jsonl: str, test_jsonl: str, image_dir: str) -> TaskData:
+    train = datasets.read_hateful_memes(train_jsonl, image_dir)
+    test = datasets.read_hateful_memes(test_jsonl, image_dir)
+    return TaskData(train, test, class_names=list(datasets.HATEFUL_MEMES_CLASSES))
+
+
+def image_folder_data(root: str, class_names: list[str] | None = None) -> TaskData:
+    train = datasets.read_image_folder(Path(root, "train"), class_names)
+    test = datasets.read_image_folder(Path(root, "val"), class_names)
+    names = class_names or sorted(p.name for p in Path(root, "train").iterdir() if p.is_dir())
+    return TaskData(train, test, class_names=names)
+
+
+def run_trial(model, task: str, data: TaskData, shots: int, seed: int, settings: dict, demonstrations):
+    common = dict(num_shots=shots, seed=seed, demonstrations=demonstrations, **settings)
+    if task in CAPTIONING:
+        return tasks.evaluate_captioning(model, data.train, data.test, data.references, **common)
+    if task in VQA:
+        max_new_tokens = 10 if task == "textvqa" else 5  # as OpenFlamingo
+        return tasks.evaluate_vqa(
+            model, data.train, data.test, data.annotations, max_new_tokens=max_new_tokens, **common
+        )
+    hateful = task == "hateful_memes"
+    keep = {key: value for key, value in common.items() if key not in ("num_beams",)}
+    return tasks.evaluate_classification(model, data.train, data.test, data.class_names, hateful_memes=hateful, **keep)
+
+
+def run(
+    model,
+    data: dict[str, TaskData],
+    output_dir: str | Path,
+    *,
+    shots: Sequence[int] = (0, 4, 8, 16, 32),
+    seeds: Sequence[int] = (42,),
+    num_samples: int = -1,
+    query_set_size: int = 2048,
+    batch_size: int = 8,
+    num_beams: int = 3,
+    rices: bool = False,
+    rices_cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` (an ``EvalModel``) on each task of ``data`` -> results (also written to disk)."""
+    output_dir = Path(output_dir)
+    (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    results = {}
+    settings = dict(num_samples=num_samples, query_set_size=query_set_size, batch_size=batch_size, progress=progress)
+    for task, task_data in data.items():
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: choose among {', '.join(TASKS)}")
+        demonstrations = None
+        if rices:
+            cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
+            demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
+        extra = {} if task in CLASSIFICATION else {"num_beams": num_beams}
+        results[task] = []
+        for shot in shots:
+            scores = []
+            for seed in seeds:
+                score, predictions = run_trial(
+                    model, task, task_data, shot, seed, {**settings, **extra}, demonstrations
+                )
+                scores.append(score)
+                path = output_dir / "predictions" / f"{task}_{shot}shot_seed{seed}.json"
+                path.write_text(json.dumps(predictions, indent=1), encoding="utf-8")
+            results[task].append({"shots": shot, "trials": scores, **tasks.summary(scores)})
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (output_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """Tasks as rows, shots as columns: mean (+- std when there are several trials)."""
+    shots = sorted({row["shots"] for rows in results.values() for row in rows})
+    lines = ["| task | metric | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---|---|" + "---|" * len(shots)]
+    for task, rows in results.items():
+        by_shot = {row["shots"]: row for row in rows}
+        cells = []
+        for s in shots:
+            row = by_shot.get(s)
+            if row is None:
+                cells.append("")
+            elif len(row["trials"]) > 1:
+                cells.append(f"{row['mean']:.2f} ± {row['stddev']:.2f}")
+            else:
+                cells.append(f"{row['mean']:.2f}")
+        lines.append(f"| {task} | {METRIC[task]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
