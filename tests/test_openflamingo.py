@@ -1,7 +1,8 @@
 """OpenFlamingo checkpoints on our Flamingo: the same logits as OpenFlamingo's own model on the same weights.
 
 OpenFlamingo's ``Flamingo`` is built here, as its factory builds it but without downloads: a tiny
-random MPT, GPT-NeoX or Llama from ``transformers`` with its ``FlamingoLMMixin`` and a small random
+random MPT, GPT-NeoX, Llama or OPT (embeddings narrower than its layers, as OPT-350m's) from ``transformers``
+with its ``FlamingoLMMixin`` and a small random
 open_clip ViT. Its ``state_dict`` (whole, or filtered as its trainer saves the released checkpoints)
 is loaded with ``load_openflamingo`` onto our ``Flamingo`` over an untouched copy of the same LM
 and encoder, and both run the same interleaved batch: several images per row, ``<|endofchunk|>``,
@@ -120,7 +121,7 @@ def largest_difference(ours, theirs) -> torch.Tensor:
     return (got[real] - their_logits(theirs, text, mask, images)[real]).abs().max()
 
 
-CASES = [("mpt", 1), ("gpt_neox", 2), ("llama", 1), ("llama", 2)]
+CASES = [("mpt", 1), ("gpt_neox", 2), ("llama", 1), ("llama", 2), ("opt_projected", 1)]  # OPT-350m-like last
 
 
 @pytest.mark.parametrize(("family", "every"), CASES)
