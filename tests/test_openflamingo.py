@@ -1,13 +1,12 @@
 """OpenFlamingo checkpoints on our Flamingo: the same logits as OpenFlamingo's own model on the same weights.
 
 OpenFlamingo's ``Flamingo`` is built here, as its factory builds it but without downloads: a tiny
-random MPT, GPT-NeoX, Llama or OPT (embeddings narrower than its layers, as OPT-350m's) from ``transformers``
-with its ``FlamingoLMMixin`` and a small random
-open_clip ViT. Its ``state_dict`` (whole, or filtered as its trainer saves the released checkpoints)
-is loaded with ``load_openflamingo`` onto our ``Flamingo`` over an untouched copy of the same LM
-and encoder, and both run the same interleaved batch: several images per row, ``<|endofchunk|>``,
-left padding. Skipped where ``open-flamingo`` (``pip install --no-deps open-flamingo==2.0.1``) is
-absent.
+random MPT, GPT-NeoX, Llama or OPT (embeddings narrower than its layers, as OPT-350m's) from
+``transformers`` with its ``FlamingoLMMixin`` and a small random open_clip ViT. Its ``state_dict``
+(whole, or filtered as its trainer saves the released checkpoints) is loaded with ``load_openflamingo``
+onto our ``Flamingo`` over an untouched copy of the same LM and encoder, and both run the same
+interleaved batch: several images per row, ``<|endofchunk|>``, left padding. Skipped where
+``open-flamingo`` (``pip install --no-deps open-flamingo==2.0.1``) is absent.
 """
 
 from __future__ import annotations
