@@ -107,6 +107,7 @@ def test_generation_reads_the_images_and_equals_full_forwards(family):
     model, _ = build(family)
     open_gates(model, 0.8)
     text, features = prompt(2, 7, media_at=(2, 5)), torch.randn(2, 2, 5, WIDTH)
+    text[1, 5] = 9  # row 1 has one image: its second item is padding, with no <image>
     time_mask = torch.tensor([[True, True], [True, False]])
     media = dict(image_embeds=features, time_mask=time_mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     cached = model.generate(text, **media)
@@ -163,6 +164,7 @@ def test_the_blocks_of_one_forward_share_one_immediate_layout(monkeypatch):
     model, _ = build(cross_attn_every=1)  # three gated blocks
     open_gates(model, 0.8)
     text, features = prompt(2, 7, media_at=(2, 5)), torch.randn(2, 2, 5, WIDTH)
+    text[1, 5] = 9  # row 1 has one image: its second item is padding, with no <image>
     media = dict(image_embeds=features, time_mask=torch.tensor([[True, True], [True, False]]))
     settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     calls = []
