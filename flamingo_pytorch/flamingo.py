@@ -246,7 +246,9 @@ class Flamingo(nn.Module):
         """The language model's output (logits, or its loss with ``labels=``) for text that reads the media.
 
         Args:
-            input_ids: (b, n) token ids; ``media_token_id`` marks each media item's place.
+            input_ids: (b, n) token ids; ``media_token_id`` marks each media item's place. With media,
+                each row needs one per real item (padding tokens do not count), else a ValueError
+                (docs/arguments.md; not checked when continuing a cache); without, it is an ordinary token.
             images: (b, t, c, H, W), encoded by ``vision_encoder``.
             image_embeds: (b, t, p, e) precomputed features, instead of ``images``.
             time_mask: (b, t) bool (or 0/1 integers), True for real media items, False for padding.
@@ -273,7 +275,8 @@ class Flamingo(nn.Module):
     ) -> Tensor:
         """The language model's own ``generate`` with the media read by every step; ``media_token_id``
         is never generated. Media are encoded, resampled and projected once per gated block; beam
-        search and ``num_return_sequences`` repeat them for their rows."""
+        search and ``num_return_sequences`` repeat them for their rows. The prompt's ``<image>`` tokens
+        must match its real media items, row by row, as in ``forward``."""
         check_input_ids(input_ids)
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
         if media is not None:  # input_ids: the whole prompt, cached part included
