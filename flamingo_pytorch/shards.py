@@ -11,6 +11,8 @@ A shard is a tar file; a sample is the files in it that share a key (the name up
 
 Both read back as the same thing: a list of parts, strings and images, in document order. PNG, JPEG and
 WebP images decode to RGB PIL images; ``.npy`` files hold float32 (c, H, W) arrays and decode to tensors.
+``read_shard`` reads a shard to its end-of-archive marker: a shard cut short, or with a damaged member
+header, raises ``DamagedShardError`` (tarfile alone would stop there silently, losing the rest).
 
 Shapes: c channels, H x W pixels.
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Sequence
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -153,28 +157,114 @@ def write_shards(
     return paths
 
 
+class DamagedShardError(ValueError):
+    """A shard that cannot be read to its end: truncated, or with a member header overwritten."""
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """One shard's samples, in order: ``{"__key__": KEY, "__url__": url, EXT: bytes, ...}`` (webdataset's layout).
+
+    Raises:
+        DamagedShardError: naming the shard and the member where reading stopped, when the tar ends before its
+            end-of-archive marker (cut at a member boundary or inside one) or a member header is damaged; the
+            sample being read then is not yielded.
+    """
+    stream = import_webdataset().gopen(url, "rb")
+    try:
+        sample = None
+        for name, data in tar_members(stream, url):
+            found = re.fullmatch(r"((?:.*/|)[^.]+)\.([^/]*)", name)  # KEY.EXT, split as webdataset does
+            if found is None:
+                continue
+            key, extension = found[1], found[2].lower()
+            if sample is not None and key != sample["__key__"]:
+                yield sample
+                sample = None
+            sample = sample or {"__key__": key, "__url__": url}
+            if extension in sample:
+                raise DamagedShardError(f"shard {url}: member {name} appears twice in sample {key}")
+            sample[extension] = data
+        if sample is not None:
+            yield sample
+    finally:
+        stream.close()
+
+
+class CheckedHeader(tarfile.TarInfo):
+    """A tar member header that raises where tarfile would end the archive quietly: a missing (cut) or damaged
+    header after the first member. Only the end-of-archive marker (a zero block) ends it."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as error:  # EmptyHeaderError, TruncatedHeaderError, InvalidHeaderError
+            raise tarfile.ReadError(f"{type(error).__name__}: {error}") from None
+
+
+def tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar ``stream``, metadata files (``__*__``) left out."""
+    last = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=CheckedHeader) as archive:
+            for info in archive:
+                if info.isreg() and not re.match(r"__[^/]*__($|/)", info.name):
+                    yield info.name, archive.extractfile(info).read()
+                last, archive.members = info.name, []  # keep no list of what was read
+            while chunk := archive.fileobj.read(1 << 16):  # after the end marker, only zero padding
+                if any(chunk):
+                    raise tarfile.ReadError("data after an end-of-archive marker (a zeroed member header?)")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        where = "at its first member" if last is None else f"after member {last}"
+        raise DamagedShardError(f"shard {url} is truncated or damaged {where}: {error}") from None
+
+
 def sample_parts(sample: dict) -> list:
     """A sample read from a shard (``{"__key__": ..., "json": bytes, ...}``) -> its parts: strings and
-    images, in document order."""
-    key = sample.get("__key__", "?")
-    source = f"shard {sample.get('__url__', '?')}, sample {key}"
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    images, in document order.
+
+    Raises:
+        ValueError: naming the shard and the sample, when it is neither a document (``.json`` with a list
+            of ``"parts"``, each a string or ``{"image": NAME}`` of one of its files) nor a pair.
+    """
+    source = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
+    meta = read_text(sample, "json", source) if "json" in sample else {}
     if isinstance(meta, dict) and "parts" in meta:
-        parts = []
-        for part in meta["parts"]:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("image"), str) and part["image"] in sample:
-                parts.append(ImageFile(part["image"], sample[part["image"]], source))
-            else:
-                raise ValueError(f"sample {key}: a part must be a string or {{'image': NAME}} of a file, got {part!r}")
-        return parts
+        return document_parts(meta["parts"], sample, source)
     if "txt" in sample:
         names = [name for name in IMAGE_EXTENSIONS if name in sample]
         if len(names) != 1:
-            raise ValueError(f"sample {key}: an image-text pair needs exactly one image file, found {names}")
-        return [ImageFile(names[0], sample[names[0]], source), sample["txt"].decode()]
-    raise ValueError(f"sample {key}: neither a document (.json with 'parts') nor a pair (.txt + image)")
+            raise ValueError(f"{source}: an image-text pair needs exactly one image file, found {names}")
+        return [ImageFile(names[0], sample[names[0]], source), read_text(sample, "txt", source)]
+    raise ValueError(f"{source}: neither a document (.json with 'parts') nor a pair (.txt + image)")
+
+
+def document_parts(parts, sample: dict, source: str) -> list:
+    """A document's ``"parts"`` -> strings and ``ImageFile``s, checking each against the schema."""
+    if not isinstance(parts, list):
+        raise ValueError(f"{source}: 'parts' must be a list of strings and {{'image': NAME}}, got {parts!r:.80}")
+    read = []
+    for part in parts:
+        if isinstance(part, str):
+            read.append(part)
+        elif isinstance(part, dict) and set(part) == {"image"} and part["image"] in sample:
+            if not isinstance(part["image"], str) or part["image"].rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{source}: image {part['image']!r} must end in one of {IMAGE_EXTENSIONS}")
+            read.append(ImageFile(part["image"], sample[part["image"]], source))
+        else:
+            raise ValueError(f"{source}: a part must be a string or {{'image': NAME}} of a file, got {part!r:.80}")
+    return read
+
+
+def read_text(sample: dict, extension: str, source: str):
+    """The sample's ``.txt`` as a string, or its ``.json`` parsed."""
+    try:
+        text = sample[extension].decode("utf-8")
+        return json.loads(text) if extension == "json" else text
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError
+        raise ValueError(f"{source}: its .{extension} is not valid {extension.upper()}: {error}") from None
 
 
 class ImageFile:
