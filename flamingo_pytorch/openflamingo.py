@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch.flamingo import Flamingo
+from flamingo_pytorch.flamingo import Flamingo, decoder_width
 from flamingo_pytorch.fusion import resampler_and_blocks
 from flamingo_pytorch.vision import VisionEncoder
 
@@ -168,14 +168,6 @@ def expected_shapes(lm: nn.Module, vision_encoder: nn.Module | None, blocks: int
     shapes.update({f"perceiver_resampler.{key}": tuple(v.shape) for key, v in resampler.state_dict().items()})
     shapes.update({f"gated_cross_attn.{key}": tuple(v.shape) for key, v in gated.state_dict().items()})
     return shapes
-
-
-def decoder_width(lm: nn.Module) -> int:
-    """The width of the hidden states between the decoder layers, where the gated blocks sit: the config's
-    ``hidden_size``, which differs from the embeddings' width where the model projects them (OPT-350m's
-    ``word_embed_proj_dim`` 512 against 1024); the embeddings' width for a model without that config."""
-    width = getattr(getattr(lm, "config", None), "hidden_size", None)
-    return width if isinstance(width, int) else lm.get_input_embeddings().embedding_dim
 
 
 def sizes(state: dict[str, Tensor], source: str = "the checkpoint") -> dict:
