@@ -96,7 +96,15 @@ def test_vqa_accuracy_equals_openflamingos(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("raw", "normalized"),
-    [("Two dogs.", "2 dogs"), ("1,000", "1000"), ("x/y", "x y"), ("x / y", "x y"), ("a/b", "b"), ("isnt", "isn't"), ("3.5", "3.5")],
+    [
+        ("Two dogs.", "2 dogs"),
+        ("1,000", "1000"),
+        ("x/y", "x y"),
+        ("x / y", "x y"),
+        ("a/b", "b"),
+        ("isnt", "isn't"),
+        ("3.5", "3.5"),
+    ],
 )
 def test_answer_normalisation(raw, normalized):
     assert metrics.normalize_answer(raw) == normalized

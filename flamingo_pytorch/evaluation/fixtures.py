@@ -149,7 +149,7 @@ def write_hateful_memes(root: Path, train: int, test: int) -> dict:
         for index, (color, shape, background) in enumerate(scenes(count, seed=7 + count)):
             number = 10000 + 100 * len(split) + index
             save(draw(color, shape, background, rng), root / "hateful_memes" / "img" / f"{number}.png")
-            label = int(color == "red")
+            label = int(color in ("red", "blue"))
             lines.append(
                 {"id": number, "img": f"img/{number}.png", "label": label, "text": f"all {shape}s are {color}"}
             )

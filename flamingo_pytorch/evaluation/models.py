@@ -140,7 +140,7 @@ class EvalModel:
     def cached_scores(
         self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
     ) -> list[Tensor]:
-        model, b, n = self.model, input_ids.shape[0], input_ids.shape[1]
+        model, b = self.model, input_ids.shape[0]
         media = model.encode_media(input_ids, images, None, time_mask)  # (b, t, m, e)
         scores = []
         with model.media(media, time_mask):
@@ -153,7 +153,7 @@ class EvalModel:
                     mask = torch.cat((attention_mask, torch.ones_like(name[:, :-1], dtype=torch.bool)), dim=1)
                     rest = model.lm(input_ids=name[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True)
                     logits = torch.cat((last, rest.logits), dim=1)  # (b, L, v)
-                    cache.crop(n)
+                    cache.crop(-(name.shape[1] - 1))  # back to the prompt (negative: tokens to drop)
                 scores.append(mean_log_probability(logits, name))
         return scores
 
