@@ -51,7 +51,7 @@ def their_coco_metric(monkeypatch):
     return coco_metric
 
 
-@pytest.mark.parametrize("dataset", ["coco", "flickr"])
+@pytest.mark.parametrize("dataset", ["coco", pytest.param("flickr", marks=pytest.mark.slow)])
 def test_cider_equals_openflamingos(their_coco_metric, tmp_path, dataset):
     paths = write_captions(tmp_path, dataset, train=2, test=10)
     references = read_coco_references(paths[f"{dataset}_annotations_json"])
