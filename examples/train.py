@@ -19,8 +19,6 @@ See docs/training.md.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import time
@@ -35,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flamingo_pytorch import Flamingo, FlamingoPaLM
 from flamingo_pytorch.sharding import freeze_language_model, set_activation_checkpointing, shard_flamingo
+from flamingo_pytorch.training_run import TrainingLog, find_checkpoint, json_object, parse_with_config
 from flamingo_pytorch.training_state import TrainingState, export_trained, load_training_state, save_training_state
 
 PALM = dict(num_tokens=32000, dim=1024, depth=12, dim_head=64, heads=16, cross_attn_every=4, perceiver_num_latents=64)
@@ -45,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--config", type=Path, help="a JSON file of flag values (flags given here override it)")
     add("--model", choices=("palm", "hf"), default="palm")
-    add("--palm", type=json.loads, default={}, help="FlamingoPaLM keyword arguments, JSON (over the defaults)")
+    add("--palm", type=json_object, default={}, help="FlamingoPaLM keyword arguments, JSON (over the defaults)")
     add("--lm", help="--model hf: a transformers causal LM (path or hub name, from_pretrained)")
     add("--tokenizer", default="shapes", help="'shapes' (the demo's word tokenizer) or a transformers tokenizer")
     add(
@@ -53,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="patch:4",
         help="'patch:SIZE' (frozen random patch embedding), 'timm:NAME', 'open_clip:NAME'",
     )
-    add("--flamingo", type=json.loads, default={}, help="--model hf: Flamingo keyword arguments, JSON")
+    add("--flamingo", type=json_object, default={}, help="--model hf: Flamingo keyword arguments, JSON")
     add("--shards", help="webdataset shards, a brace pattern such as 'data/shard-{000000..000099}.tar'")
     add("--synthetic", action="store_true", help="random tokens and images instead of --shards")
     add("--image-size", type=int, default=32, help="--synthetic: image side")
@@ -79,10 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
     add("--wandb", help="also log to this wandb project (needs wandb)")
-    args, _ = parser.parse_known_args(argv)
-    if args.config is not None:
-        parser.set_defaults(**json.loads(args.config.read_text()))
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)  # the config's keys meet the flags' checks; unknown keys are refused
     if (args.shards is None) == (not args.synthetic):
         parser.error("give --shards or --synthetic (exactly one)")
     if args.model == "hf" and args.lm is None:
@@ -118,7 +114,19 @@ def make_tokenizer(args: argparse.Namespace):
         return shapes_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+    return pretrained(AutoTokenizer.from_pretrained, args.tokenizer, "--tokenizer")
+
+
+def pretrained(load, name: str, flag: str):
+    """``load(name)``, a transformers ``from_pretrained``, or an error saying what ``name`` had to be."""
+    try:
+        return load(name)
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(
+            f"{flag} {name!r}: not a local folder, and no model of that name could be loaded from the "
+            f"Hugging Face hub ({reason})"
+        ) from None
 
 
 def make_vision_encoder(spec: str, dim: int) -> tuple[nn.Module, int]:
@@ -154,7 +162,7 @@ def build_model(args: argparse.Namespace, tokenizer) -> nn.Module:
 
     from flamingo_pytorch.tokens import add_flamingo_tokens
 
-    lm = AutoModelForCausalLM.from_pretrained(args.lm, dtype=torch.float32)
+    lm = pretrained(lambda name: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), args.lm, "--lm")
     image_id, end_id = add_flamingo_tokens(tokenizer, lm)
     encoder, width = make_vision_encoder(args.vision, lm.get_input_embeddings().embedding_dim)
     options = {"perceiver_num_time_embeds": args.max_images, "train_token_ids": (image_id, end_id), **args.flamingo}
@@ -271,43 +279,12 @@ def warmup_cosine(args: argparse.Namespace):
     return factor
 
 
-def last_checkpoint(out: Path) -> Path | None:
-    folders = [p for p in (out / "checkpoints").glob("step-*") if (p / ".metadata").is_file()]
-    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-class Log:
-    """Rank 0's log: ``log.jsonl`` and ``log.csv`` always, tensorboard and wandb when asked (and installed)."""
-
-    def __init__(self, args: argparse.Namespace, enabled: bool):
-        self.enabled, self.out, self.writers = enabled, args.out, []
-        if not enabled:
-            return
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-            board = SummaryWriter(str(args.out / "tensorboard"))
-            self.writers.append(lambda record: [board.add_scalar(k, v, record["step"]) for k, v in record.items()])
-        if args.wandb:
-            import wandb
-
-            run = wandb.init(project=args.wandb, config={k: str(v) for k, v in vars(args).items()}, resume="allow")
-            self.writers.append(lambda record: run.log(record, step=record["step"]))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "log.jsonl", "a") as file:
-            file.write(json.dumps(record) + "\n")
-        path = self.out / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(record))
-            if new:
-                writer.writeheader()
-            writer.writerow(record)
-        for writer in self.writers:
-            writer(record)
+def start_message(strategy: str, world: int, device: torch.device, resume: Path | None, unfinished: list[Path]) -> str:
+    """What the run starts from: its last complete checkpoint or nothing, and any save that did not finish."""
+    where = f"resuming from {resume}" if resume is not None else "from scratch"
+    if unfinished:
+        where += f" (ignoring {', '.join(path.name for path in unfinished)}: a checkpoint save that did not finish)"
+    return f"{strategy} on {world} x {device}, {where}"
 
 
 def progress_bar(first: int, steps: int, enabled: bool):
@@ -335,13 +312,15 @@ def train(args: argparse.Namespace) -> list[float]:
     data = make_data(args, tokenizer, model, rank)
     position = f"data_rank{rank}"  # each rank reads its own shards: its own key (DCP keeps one value per key)
     state = TrainingState(model, optimizer, scheduler, progress={"step": 0, position: data.state_dict()})
-    resume = last_checkpoint(args.out)
+    resume, unfinished = find_checkpoint(args.out / "checkpoints")
     if resume is not None:
         load_training_state(resume, state)
         data.load_state_dict(state.progress[position])
-    first, log = int(state.progress["step"]), Log(args, enabled=rank == 0)
+    first, config = int(state.progress["step"]), {k: str(v) for k, v in vars(args).items()}
+    log = TrainingLog(args.out, enabled=rank == 0, tensorboard=args.tensorboard, wandb=args.wandb, config=config)
+    log.keep_until(first)  # a run killed after its last checkpoint logged steps that it now runs again
     if rank == 0:
-        print(f"{strategy} on {world} x {device}, {'resuming from ' + str(resume) if resume else 'from scratch'}")
+        print(start_message(strategy, world, device, resume, unfinished))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 and strategy != "fsdp" else nullcontext()
     batches, losses = batches_forever(data), []
     bar = progress_bar(first, args.steps, enabled=rank == 0)

@@ -40,17 +40,16 @@ def trained_tensors(model: nn.Module) -> dict[str, Tensor]:
     lm = getattr(model, "lm", None)
     if isinstance(lm, nn.Module):
         chosen |= {id(param) for param in lm.parameters() if param.requires_grad}
-    tensors = {}
-    for prefix, module in model.named_modules():
-        owned = {name: p for name, p in module.named_parameters(prefix=prefix, recurse=False) if id(p) in chosen}
-        if not owned:
-            continue
-        tensors.update(owned)
-        persistent = {key for key in module.state_dict(keep_vars=True) if "." not in key}  # its own entries
-        for name, buffer in module.named_buffers(recurse=False):
-            if name in persistent:
-                tensors[f"{prefix}.{name}" if prefix else name] = buffer
-    return tensors
+    names = [name for name, param in model.named_parameters() if id(param) in chosen]
+    buffers = {}
+    for prefix in dict.fromkeys(name.rpartition(".")[0] for name in names):  # the modules that own them
+        module = model.get_submodule(prefix)
+        if any(True for _ in module.buffers(recurse=False)):
+            persistent = {key for key in module.state_dict(keep_vars=True) if "." not in key}  # its own entries
+            own = module.named_buffers(prefix=prefix, recurse=False)
+            buffers.update({name: buffer for name, buffer in own if name.rpartition(".")[2] in persistent})
+    params = dict(model.named_parameters())  # again: a state_dict call may have resharded an FSDP2 unit
+    return {**{name: params[name] for name in names}, **buffers}
 
 
 def layout(model: nn.Module) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def layout(model: nn.Module) -> dict[str, Any]:
         chosen = range(0, len(model.palm.layers), model.cross_attn_every)
     rows = getattr(model, "token_rows", None)
     return {
-        "model": type(model).__name__,
+        "model": next((c for c in type(model).__mro__ if not c.__module__.startswith("torch.")), type(model)).__name__,
         "cross_attn_layers": list(chosen),
         "dim": attn.dim,
         "media_dim": attn.media_dim,
@@ -85,7 +84,7 @@ def gather_trained(model: nn.Module, *, rank0_only: bool = False) -> dict[str, T
     for name, value in trained_tensors(model).items():
         value = value.full_tensor() if hasattr(value, "full_tensor") else value  # a DTensor's whole value
         if keep:
-            gathered[name] = value.detach().to("cpu", copy=True).contiguous()
+            gathered[name] = value.detach().cpu().clone().contiguous()
     return gathered
 
 
