@@ -120,12 +120,14 @@ def test_flamingo_text_alone_and_a_truncated_last_image(flamingo):
     last image lost its <image> to truncation runs once that item is marked padding."""
     text = text_with_media([[1, 4], [2]])
     with torch.no_grad():
-        torch.testing.assert_close(flamingo(text).logits, flamingo.lm(input_ids=text).logits, rtol=0, atol=0)
+        assert torch.equal(flamingo(text).logits, flamingo.lm(input_ids=text).logits)
         features = embeds(2, 3)
         with pytest.raises(ValueError, match=mismatch(0, 2, 3)):
             flamingo(text, image_embeds=features)
         time_mask = torch.tensor([[True, True, False], [True, False, False]])
-        flamingo(text, image_embeds=features, time_mask=time_mask)
+        cut = flamingo(text, image_embeds=features, time_mask=time_mask).logits
+        dropped = flamingo(text, image_embeds=features[:, :2], time_mask=time_mask[:, :2]).logits
+    torch.testing.assert_close(cut, dropped)  # the padded last image changes nothing (float32 defaults)
     assert flamingo.generate(text, **GREEDY).shape == (2, 11)
 
 
@@ -147,7 +149,7 @@ def test_flamingo_forward_continuing_a_cache_reads_the_latest_image(flamingo):
         full = flamingo(text, image_embeds=features).logits[:, -1]
         prompt = flamingo(text[:, :6], image_embeds=features, use_cache=True)
         step = flamingo(text[:, 6:], image_embeds=features, **continuing(flamingo, prompt)).logits[:, -1]
-    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(step, full)  # float32 defaults, as tests/test_generation.py compares cached logits
 
 
 # -- FlamingoPaLM ----------------------------------------------------------------------------------
