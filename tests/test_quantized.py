@@ -108,14 +108,47 @@ def test_int8_quantization_unties_a_tied_head_and_keeps_the_embedding_float():
     train_step_and_check_gradients(model, text, embeds)
 
 
-def nf4_lm(tmp_path, device: str) -> nn.Module:
-    """A tiny random Llama, saved and reloaded in NF4 (no download: from_pretrained on a local folder)."""
+def assert_gradients_equal_a_dense_twins(lm: nn.Module, dequantized: dict[str, torch.Tensor], device: str) -> None:
+    """Flamingo's gradients through the quantized float32 LM ``lm`` equal those through the same LM with
+    plain float32 linear layers holding the dequantized weights (``dequantized``: module name -> weight).
+
+    Tolerance: the two differ only in float32 rounding (e.g. ``(x @ q.T) * s`` against ``x @ (q * s).T``):
+    a few eps per product, summed over at most 128 terms (sqrt(128) ~ 11) through ~10 matmuls forward
+    and backward, so ~10 * 11 * 4 eps ~ 5e-5 of each gradient's scale; 1e-4 leaves a factor 2. A
+    gradient that does not flow through the quantized layers is off by tens of percent."""
+    twin = tiny_llama().to(device)
+    with torch.no_grad():
+        for name, weight in dequantized.items():
+            twin.get_submodule(name).weight.copy_(weight)
+    text, embeds = text_and_embeds(device)
+    grads = []
+    for model_lm in (lm, twin):
+        torch.manual_seed(5)  # the same Flamingo parts for both
+        model = wrap(model_lm)
+        open_gates(model, 0.8)
+        model.train()
+        model(text, image_embeds=embeds, labels=text).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, rtol=0, atol=1e-4 * float(want.abs().max()), msg=name)
+
+
+def test_gradients_through_int8_layers_equal_those_through_their_dequantized_weights():
+    pytest.importorskip("torchao", reason="pip install -e '.[quant]'")
+    lm = tiny_llama()
+    int8_weight_only(lm)
+    dequantized = {name: m.weight.dequantize() for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    assert_gradients_equal_a_dense_twins(lm, dequantized, "cpu")
+
+
+def nf4_lm(tmp_path, device: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A tiny random Llama, saved and reloaded in NF4 computing in ``dtype`` (no download: a local folder)."""
     tiny_llama().save_pretrained(tmp_path)
     quantization = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
     )
     return transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device}
+        tmp_path, quantization_config=quantization, dtype=dtype, device_map={"": device}
     ).eval()
 
 
@@ -138,6 +171,25 @@ def check_nf4(tmp_path, device: str) -> None:
     assert out.shape == (2, 13) and not (out[:, 9:] == MEDIA).any()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 is tested on CUDA")
+def check_nf4_gradients(tmp_path, device: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes", reason="pip install -e '.[nf4]'")
+    lm = nf4_lm(tmp_path, device, torch.float32).train()  # (bitsandbytes repacks CPU weights for inference in eval)
+    dequantized = {
+        name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        for name, m in lm.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert_gradients_equal_a_dense_twins(lm, dequantized, device)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 is tested on CUDA")
+
+
+@CUDA
 def test_nf4_lm_on_cuda_is_exact_with_closed_gates_and_only_flamingo_trains(tmp_path):
     check_nf4(tmp_path, "cuda")
+
+
+@CUDA
+def test_gradients_through_nf4_layers_equal_those_through_their_dequantized_weights(tmp_path):
+    check_nf4_gradients(tmp_path, "cuda")
