@@ -36,6 +36,7 @@ from write_shards import shapes_documents, shapes_pairs  # noqa: E402
 
 KEYS = {"input_ids", "attention_mask", "labels", "images", "time_mask"}
 NUM_DOCS, PER_SHARD = 48, 8  # 6 shards of numbered documents
+PNG_ATOL = 0.5 / 255  # PNG keeps 8-bit pixels, round(255 x) / 255: off by at most half a step (.npy is exact)
 
 
 class Words:
@@ -110,7 +111,7 @@ def test_the_json_schema_and_reading_back():
 
 def test_shapes_batches_are_the_generated_task_with_its_pixels(shapes_shards):
     reference = make_batch(16, 4, make_tokenizer(), torch.Generator().manual_seed(0))
-    for image_format, atol in (("npy", 0.0), ("png", 0.5 / 255)):
+    for image_format, atol in (("npy", 0.0), ("png", PNG_ATOL)):
         loader = DocumentLoader(
             shapes_shards[image_format], make_tokenizer(), batch_size=6, max_tokens=24, max_images=4, shuffle_buffer=0
         )
@@ -185,7 +186,7 @@ def test_truncated_rows_hold_as_many_image_tokens_as_images_and_mask_the_labels(
             for row, document in enumerate(row_documents([batch])):  # the images, in order, of that document
                 count = int(time_mask[row].sum())
                 expected_images = torch.stack([numbered_image(document, item) for item in range(count)])
-                torch.testing.assert_close(images[row, :count], expected_images, rtol=0, atol=0.5 / 255)
+                torch.testing.assert_close(images[row, :count], expected_images, rtol=0, atol=PNG_ATOL)
                 assert not images[row, count:].any()
 
 
@@ -307,7 +308,7 @@ def test_a_hugging_face_tokenizer_gives_the_processors_rows(tmp_path):
     for name in ("input_ids", "attention_mask", "labels", "time_mask"):
         torch.testing.assert_close(batch[name][:, :n], expected[name])
     assert (batch["labels"][:, n:] == -100).all() and (batch["input_ids"][:, n:] == tokenizer.pad_token_id).all()
-    torch.testing.assert_close(batch["images"], expected["images"], rtol=0, atol=0.5 / 255)
+    torch.testing.assert_close(batch["images"], expected["images"], rtol=0, atol=PNG_ATOL)
     tokenizer.add_special_tokens({"bos_token": "<s>"})  # a BOS goes first, with no loss
     (batch,) = list(DocumentLoader(shards, tokenizer, batch_size=2, max_tokens=12, max_images=2, shuffle_buffer=0))
     assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all() and (batch["labels"][:, 0] == -100).all()
@@ -401,7 +402,7 @@ def test_packed_rows_are_consecutive_documents_each_with_its_own_loss_masking(nu
         assert labels[row].tolist() == expected_labels
         numbers = [next(t for t in document if t >= words.ids["0"]) - words.ids["0"] for document in documents]
         pictures = [numbered_image(n, item) for n in numbers for item in range(n % 4)]
-        torch.testing.assert_close(images[row, : len(pictures)], torch.stack(pictures), rtol=0, atol=0.5 / 255)
+        torch.testing.assert_close(images[row, : len(pictures)], torch.stack(pictures), rtol=0, atol=PNG_ATOL)
         rows.append([(n, len(document)) for n, document in zip(numbers, documents)])
     assert [n for row in rows for n, _ in row] == [doc for doc in range(NUM_DOCS) if doc % 4]  # in order, once
     for row, following in zip(rows, rows[1:]):  # greedy: the next row's first document did not fit
