@@ -196,3 +196,17 @@ def test_a_run_writes_results_predictions_and_a_table(tokenizer, tmp_path):
     assert table[0] == "| task | metric | 0-shot | 2-shot |" and table[3].startswith("| hateful_memes | ROC AUC |")
     predictions = json.loads((tmp_path / "out" / "predictions" / "vqav2_2shot_seed1.json").read_text())
     assert sorted(p["question_id"] for p in predictions) == sorted(item["question_id"] for item in data["vqav2"].test)
+
+
+@pytest.mark.slow
+def test_the_command_runs_every_task_on_the_fixtures(tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap")
+    from flamingo_pytorch.evaluation.cli import main
+
+    results = main(
+        ["--tiny", "--fixtures", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--shots", "0", "2",
+         "--num_samples", "3", "--batch_size", "2", "--num_beams", "1"]
+    )  # fmt: skip
+    assert sorted(results) == sorted(runner.TASKS)
+    assert "| coco | CIDEr |" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "predictions").iterdir())) == 2 * len(runner.TASKS)

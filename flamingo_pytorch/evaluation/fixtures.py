@@ -205,6 +205,39 @@ def fixture_tokenizer(vocab_size: int = 400):
     return wrapped
 
 
+def tiny_model():
+    """(a random tiny FlamingoPaLM with open gates, ``fixture_tokenizer()``, a PIL -> tensor transform):
+    untrained, so its scores are noise; it tries the pipeline end to end."""
+    import torch
+    from einops.layers.torch import Rearrange
+    from torch import nn
+
+    from flamingo_pytorch.flamingo_palm import FlamingoPaLM
+
+    tokenizer = fixture_tokenizer()
+    torch.manual_seed(0)
+    patches = nn.Conv2d(3, 64, kernel_size=8, stride=8)  # (B, 64, 4, 4)
+    encoder = nn.Sequential(patches, Rearrange("b e h w -> b (h w) e"))  # (B, 16 patches, 64)
+    model = FlamingoPaLM(
+        num_tokens=len(tokenizer), dim=64, depth=2, dim_head=16, heads=4, cross_attn_every=1,
+        media_token_id=tokenizer.convert_tokens_to_ids("<image>"), img_encoder=encoder,
+        perceiver_num_latents=8, perceiver_depth=1, perceiver_num_time_embeds=40,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate"):
+                parameter.fill_(0.5)
+    return model.eval(), tokenizer, pil_to_tensor
+
+
+def pil_to_tensor(image):
+    """PIL -> (3, SIZE, SIZE) float in [0, 1]."""
+    import torch
+
+    pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE)), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # (c, H, W)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m flamingo_pytorch.evaluation.fixtures OUTPUT_DIR")

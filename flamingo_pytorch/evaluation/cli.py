@@ -1,0 +1,116 @@
+"""The command line of ``python -m flamingo_pytorch.evaluate``: which model, which data, which shots.
+
+The model comes from a Python file (``--model_script``) whose ``load_model()`` returns
+``(model, tokenizer, image_transform)``: a ``Flamingo`` or ``FlamingoPaLM`` with its weights (e.g.
+from ``load_openflamingo`` or ``load_trained``), a transformers tokenizer knowing ``<image>`` and
+``<|endofchunk|>``, and a PIL -> tensor transform. ``--tiny`` instead builds a random tiny model,
+and ``--fixtures DIR`` writes the small generated datasets and evaluates on all of them: a trial
+of the whole pipeline in a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+from flamingo_pytorch.evaluation import runner
+from flamingo_pytorch.evaluation.datasets import VQA_SETS
+from flamingo_pytorch.evaluation.models import EvalModel
+
+VQA_FILES = ("train_questions_json", "train_annotations_json", "train_image_dir", "test_questions_json")
+VQA_FILES += ("test_annotations_json", "test_image_dir")
+
+
+def parser() -> argparse.ArgumentParser:
+    parse = argparse.ArgumentParser(prog="python -m flamingo_pytorch.evaluate", description=__doc__.split("\n\n")[0])
+    model = parse.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model_script", help="a .py file whose load_model() returns (model, tokenizer, transform)")
+    model.add_argument("--tiny", action="store_true", help="a random tiny FlamingoPaLM (to try the pipeline)")
+    parse.add_argument("--output_dir", default="evaluation_results")
+    parse.add_argument("--shots", nargs="+", type=int, default=[0, 4, 8, 16, 32])
+    parse.add_argument("--trial_seeds", nargs="+", type=int, default=[42])
+    parse.add_argument("--num_samples", type=int, default=-1, help="test examples per trial (-1: all)")
+    parse.add_argument("--query_set_size", type=int, default=2048)
+    parse.add_argument("--batch_size", type=int, default=8)
+    parse.add_argument("--num_beams", type=int, default=3)
+    parse.add_argument("--rices", action="store_true", help="demonstrations by RICES instead of at random")
+    parse.add_argument("--rices_cache_dir", help="where RICES keeps the training images' features")
+    parse.add_argument("--device", default=None)
+    parse.add_argument("--fixtures", help="write the generated fixture datasets here and evaluate on all of them")
+    for name in ("coco", "flickr30"):
+        for what in ("karpathy_json", "image_root", "annotations_json"):
+            parse.add_argument(f"--{name}_{what}")
+    for name in VQA_SETS:
+        for what in VQA_FILES:
+            parse.add_argument(f"--{name}_{what}")
+    for what in ("train_jsonl", "test_jsonl", "image_dir"):
+        parse.add_argument(f"--hateful_memes_{what}")
+    parse.add_argument("--imagenet_root", help="a folder with train/ and val/ class folders")
+    parse.add_argument("--imagenet_class_names", help="a text file: the class folders' readable names, one a line")
+    return parse
+
+
+def fixture_arguments(paths: dict) -> dict:
+    """The fixtures' paths under the command's argument names."""
+    renamed = {key.replace("flickr_", "flickr30_"): value for key, value in paths.items()}
+    return {key.replace("_karpathy_json", "_karpathy_json"): value for key, value in renamed.items()}
+
+
+def task_data(args: dict) -> dict[str, runner.TaskData]:
+    """Each task whose files were given -> its TaskData."""
+    data = {}
+    for name, dataset in (("coco", "coco"), ("flickr30", "flickr")):
+        if args.get(f"{name}_karpathy_json"):
+            data[name] = runner.caption_data(
+                args[f"{name}_karpathy_json"], args[f"{name}_image_root"], dataset, args.get(f"{name}_annotations_json")
+            )
+    for name in VQA_SETS:
+        if args.get(f"{name}_test_questions_json"):
+            data[name] = runner.vqa_data({what: args.get(f"{name}_{what}") for what in VQA_FILES}, name)
+    if args.get("imagenet_root"):
+        names = None
+        if args.get("imagenet_class_names"):
+            names = Path(args["imagenet_class_names"]).read_text(encoding="utf-8").splitlines()
+        data["imagenet"] = runner.image_folder_data(args["imagenet_root"], names)
+    if args.get("hateful_memes_test_jsonl"):
+        data["hateful_memes"] = runner.hateful_memes_data(
+            args["hateful_memes_train_jsonl"], args["hateful_memes_test_jsonl"], args["hateful_memes_image_dir"]
+        )
+    return data
+
+
+def load_model(args: argparse.Namespace) -> EvalModel:
+    if args.tiny:
+        from flamingo_pytorch.evaluation.fixtures import tiny_model
+
+        model, tokenizer, transform = tiny_model()
+    else:
+        spec = importlib.util.spec_from_file_location("flamingo_eval_model_script", args.model_script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model, tokenizer, transform = module.load_model()
+    if args.device is not None:
+        model = model.to(args.device)
+    return EvalModel(model, tokenizer, transform)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    given = vars(args)
+    if args.fixtures:
+        from flamingo_pytorch.evaluation.fixtures import write_fixtures
+
+        given = {**given, **fixture_arguments(write_fixtures(args.fixtures))}
+    data = task_data(given)
+    if not data:
+        raise SystemExit("no task to evaluate: give a dataset's files (see --help) or --fixtures DIR")
+    results = runner.run(
+        load_model(args), data, args.output_dir, shots=args.shots, seeds=args.trial_seeds,
+        num_samples=args.num_samples, query_set_size=args.query_set_size, batch_size=args.batch_size,
+        num_beams=args.num_beams, rices=args.rices, rices_cache_dir=args.rices_cache_dir,
+    )  # fmt: skip
+    print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
+    print(json.dumps({"results": str(Path(args.output_dir) / "results.json")}))
+    return results
