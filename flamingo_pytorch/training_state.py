@@ -243,6 +243,8 @@ def check_checkpoint(folder: Path, metadata: Metadata, target: dict[str, Any]) -
         if index.fqn not in wanted:
             continue
         file = folder / info.relative_path
+        if file.name != info.relative_path:
+            raise CheckpointError(f"{folder}/.metadata points {index.fqn} outside the folder: {info.relative_path}")
         if file.name not in sizes:
             sizes[file.name] = file.stat().st_size if file.is_file() else -1
         if sizes[file.name] < info.offset + info.length:

@@ -129,6 +129,16 @@ def test_a_pickled_payload_in_a_data_file_never_runs(tmp_path):
     assert same(snapshot(fresh), before)
 
 
+def test_metadata_cannot_point_outside_the_folder(tmp_path):
+    save_training_state(tmp_path / "ck", trained_run(1))
+    metadata = training_state.TrustedReader(tmp_path / "ck").read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = "../elsewhere.distcp"
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"points train\..* outside the folder: \.\./elsewhere\.distcp"):
+        load_training_state(tmp_path / "ck", trained_run(0))
+
+
 def damage_truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:-100])
 
