@@ -69,8 +69,9 @@ def write_json(path: Path, data) -> str:
     return str(path)
 
 
-def write_captions(root: Path, name: str, train: int, test: int) -> dict:
+def write_captions(root: str | Path, name: str, train: int, test: int) -> dict:
     """Karpathy JSON plus the COCO-style reference file of its test images."""
+    root = Path(root)
     rng, images, coco = np.random.RandomState(1), [], {"images": [], "annotations": []}
     for index, (color, shape, background) in enumerate(scenes(train + test, seed=len(name))):
         split = "train" if index < train else "test"
@@ -108,7 +109,8 @@ def vqa_answers(kind: str, color: str, shape: str, background: str, rng: np.rand
     return [truth if rng.rand() < 0.7 else wrong[rng.randint(len(wrong))] for _ in range(10)]
 
 
-def write_vqa_split(root: Path, name: str, split: str, count: int, seed: int) -> dict:
+def write_vqa_split(root: str | Path, name: str, split: str, count: int, seed: int) -> dict:
+    root = Path(root)
     rng, questions, annotations = np.random.RandomState(seed), [], []
     folder = {"train": "train2014", "test": "val2014"}[split]
     for index, (color, shape, background) in enumerate(scenes(count, seed)):
@@ -142,7 +144,8 @@ def write_vqa_split(root: Path, name: str, split: str, count: int, seed: int) ->
     }
 
 
-def write_hateful_memes(root: Path, train: int, test: int) -> dict:
+def write_hateful_memes(root: str | Path, train: int, test: int) -> dict:
+    root = Path(root)
     rng, paths = np.random.RandomState(7), {}
     for split, count in (("train", train), ("test", test)):
         lines = []
@@ -160,7 +163,8 @@ def write_hateful_memes(root: Path, train: int, test: int) -> dict:
     return paths
 
 
-def write_image_folders(root: Path, per_class_train: int, per_class_test: int) -> dict:
+def write_image_folders(root: str | Path, per_class_train: int, per_class_test: int) -> dict:
+    root = Path(root)
     rng = np.random.RandomState(3)
     for split, count in (("train", per_class_train), ("val", per_class_test)):
         for color in COLORS:
