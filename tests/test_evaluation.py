@@ -210,3 +210,19 @@ def test_the_command_runs_every_task_on_the_fixtures(tmp_path, capsys):
     assert sorted(results) == sorted(runner.TASKS)
     assert "| coco | CIDEr |" in capsys.readouterr().out
     assert len(list((tmp_path / "out" / "predictions").iterdir())) == 2 * len(runner.TASKS)
+
+
+def test_a_tokenizer_without_the_flamingo_tokens_or_with_another_image_id_is_refused(tokenizer):
+    model = tiny_palm(tokenizer)
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers_without_specials())
+    with pytest.raises(ValueError, match="tokenizer has no <image> token"):
+        EvalModel(model, plain, image_transform)
+    model.media_token_id = 5
+    with pytest.raises(ValueError, match="<image> is id 2 but the model's media_token_id is 5"):
+        EvalModel(model, tokenizer, image_transform)
+
+
+def tokenizers_without_specials():
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch.evaluation.datasets import load_image
-from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK
+from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, IMAGE
 
 MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
 
@@ -56,7 +56,18 @@ class EvalModel:
         self.is_palm = isinstance(model, FlamingoPaLM)
         self.device = device if device is not None else next(model.parameters()).device
         self.tokenizer.padding_side = "left"
-        self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK)
+        vocabulary = tokenizer.get_vocab()
+        for token in (IMAGE, END_OF_CHUNK):
+            if token not in vocabulary:
+                raise ValueError(
+                    f"tokenizer has no {token} token: add it (add_openflamingo_tokens or add_flamingo_tokens)"
+                )
+        if vocabulary[IMAGE] != model.media_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE} is id {vocabulary[IMAGE]} "
+                f"but the model's media_token_id is {model.media_token_id}"
+            )
+        self.end_of_chunk_id = vocabulary[END_OF_CHUNK]
 
     # -- inputs ------------------------------------------------------------------------------------
 

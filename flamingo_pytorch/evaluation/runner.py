@@ -79,8 +79,9 @@ def run_trial(model, task: str, data: TaskData, shots: int, seed: int, settings:
             model, data.train, data.test, data.annotations, max_new_tokens=max_new_tokens, **common
         )
     hateful = task == "hateful_memes"
-    keep = {key: value for key, value in common.items() if key not in ("num_beams",)}
-    return tasks.evaluate_classification(model, data.train, data.test, data.class_names, hateful_memes=hateful, **keep)
+    return tasks.evaluate_classification(
+        model, data.train, data.test, data.class_names, hateful_memes=hateful, **common
+    )
 
 
 def run(
@@ -102,7 +103,7 @@ def run(
     output_dir = Path(output_dir)
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     results = {}
-    settings = dict(num_samples=num_samples, query_set_size=query_set_size, batch_size=batch_size, progress=progress)
+    settings = dict(num_samples=num_samples, query_set_size=query_set_size, batch_size=batch_size)
     for task, task_data in data.items():
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose among {', '.join(TASKS)}")
@@ -110,7 +111,8 @@ def run(
         if rices:
             cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
             demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
-        extra = {} if task in CLASSIFICATION else {"num_beams": num_beams}
+        extra = {"progress": task if progress else False}
+        extra.update({} if task in CLASSIFICATION else {"num_beams": num_beams})
         results[task] = []
         for shot in shots:
             scores = []

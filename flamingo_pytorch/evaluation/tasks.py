@@ -44,9 +44,10 @@ def trial_batches(
     query_set_size: int,
     batch_size: int,
     demonstrations: Demonstrations | None,
-    progress: bool,
+    progress: bool | str,
 ) -> Iterator[tuple[list[dict], list[str], list[list]]]:
-    """(queries, prompts, images) batch by batch, the demonstrations drawn as OpenFlamingo draws them."""
+    """(queries, prompts, images) batch by batch, the demonstrations drawn as OpenFlamingo draws them.
+    ``progress``: a tqdm bar (named by the string, if one is given)."""
     order, numpy_rng = evaluation_order(len(test), num_samples, seed)
     if demonstrations is None:
         demonstrations = RandomDemonstrations(train, query_set_size, numpy_rng, seed)
@@ -55,7 +56,8 @@ def trial_batches(
     if progress:
         from tqdm import tqdm  # the `eval` extra
 
-        steps = tqdm(steps, desc=f"{task} {num_shots}-shot seed {seed}")
+        name = progress if isinstance(progress, str) else task
+        steps = tqdm(steps, desc=f"{name} {num_shots}-shot seed {seed}")
     for step in steps:
         queries = [test[i] for i in step]
         texts, images = batch_prompts(task, demonstrations(queries, shots), queries, num_shots)
@@ -77,7 +79,7 @@ def evaluate_captioning(
     max_new_tokens: int = 20,
     num_beams: int = 3,
     length_penalty: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> tuple[float, list[dict]]:
     """CIDEr x 100 of generated captions, and the predictions [{"image_id", "caption"}].
 
@@ -114,7 +116,7 @@ def evaluate_vqa(
     max_new_tokens: int = 5,
     num_beams: int = 3,
     length_penalty: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> tuple[float | None, list[dict]]:
     """VQA accuracy (percent) of generated short answers, and the predictions [{"answer", "question_id"}].
 
@@ -147,7 +149,7 @@ def evaluate_classification(
     batch_size: int = 8,
     demonstrations: Demonstrations | None = None,
     hateful_memes: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> tuple[float, list[dict]]:
     """Rank classification over ``class_names``: top-1 accuracy, or for HatefulMemes the ROC AUC of
     the probability of "yes" (softmax over the classes' scores), and the predictions."""
