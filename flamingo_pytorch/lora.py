@@ -13,7 +13,9 @@ before; the decoder layers that Flamingo wrapped are found through their ``Fusio
 matches ``target_modules`` against the module names, ``model.layers.0.layer.self_attn.q_proj``).
 They are added after wrapping because Flamingo freezes the whole language model when it wraps it.
 At init LoRA's B matrices are zero, so with the gates closed the logits are still the language
-model's, exactly. A quantized LM works the same way (torchao int8 weight-only, bitsandbytes NF4).
+model's, exactly. The adapters are float32 (master weights, like the rest of what trains) over a
+bfloat16 or float16 LM; peft casts their input up and their output back. A quantized LM works the
+same way (torchao int8 weight-only, bitsandbytes NF4: QLoRA).
 
 Saving: ``flamingo.save_trained(path)`` writes the adapters with the rest of what trains (every
 parameter of ``flamingo.lm`` that requires grad), and ``load_trained`` reads them into a fresh
@@ -59,5 +61,8 @@ def add_lora(flamingo: nn.Module, config) -> list[nn.Parameter]:
         raise TypeError(f"flamingo must be a Flamingo (with a language model .lm), got {type(flamingo).__name__}")
     if getattr(lm, "peft_config", None):
         raise ValueError(f"flamingo.lm already has peft adapters ({', '.join(lm.peft_config)}): add LoRA once")
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
     peft.inject_adapter_in_model(config, lm)  # the rest of lm stays frozen, as Flamingo left it
+    cast_adapter_dtype(lm, "default")  # float32 master weights over a bf16/fp16 LM, as get_peft_model does
     return [param for param in lm.parameters() if param.requires_grad]

@@ -20,11 +20,11 @@ MEDIA, VOCAB, WIDTH, LAYERS = 3, 64, 32, 3
 TARGETS = ("q_proj", "v_proj")
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(width: int = WIDTH) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=WIDTH,
+        hidden_size=width,
         intermediate_size=64,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
@@ -42,11 +42,11 @@ def flamingo_with_lora(lm: nn.Module | None = None) -> tuple[Flamingo, list[nn.P
     return model.eval(), adapters
 
 
-def text_and_embeds() -> tuple[torch.Tensor, torch.Tensor]:
+def text_and_embeds(width: int = WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     text = torch.randint(4, VOCAB, (2, 9), generator=generator)
     text[:, [0, 4]] = MEDIA
-    return text, torch.randn(2, 2, 5, WIDTH, generator=generator)
+    return text, torch.randn(2, 2, 5, width, generator=generator)
 
 
 def train_step(model: Flamingo, text: torch.Tensor, embeds: torch.Tensor) -> torch.optim.Optimizer:
@@ -115,6 +115,19 @@ def test_trained_adapters_save_and_load_with_save_trained(tmp_path):
         assert torch.equal(fresh(text, image_embeds=embeds).logits, trained_logits)
 
 
+def test_adapters_over_a_bfloat16_lm_are_float32_and_exact_at_init():
+    lm = tiny_llama().to(torch.bfloat16)
+    original = copy.deepcopy(lm)
+    model, adapters = flamingo_with_lora(lm)
+    assert {p.dtype for p in adapters} == {torch.float32}  # master weights, as the gated blocks'
+    text, embeds = text_and_embeds()
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=embeds).logits, original(input_ids=text).logits)
+    open_gates(model, 0.8)
+    train_step(model, text, embeds)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in adapters)
+
+
 @pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")  # merging is not used here
 def test_lora_on_an_int8_weight_only_lm():
     quantization = pytest.importorskip("torchao.quantization", reason="pip install -e '.[quant]'")
@@ -129,3 +142,32 @@ def test_lora_on_an_int8_weight_only_lm():
     train_step(model, text, embeds)
     assert all(p.grad is None for name, p in model.lm.named_parameters() if "lora_" not in name)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapters)
+
+
+def lora_on_nf4(tmp_path, device: str) -> None:
+    """QLoRA: adapters in float32 on an NF4 LM computing in bfloat16; exact at init, one step trains them."""
+    pytest.importorskip("bitsandbytes", reason="pip install -e '.[nf4]'")
+    tiny_llama(width=64).save_pretrained(tmp_path)  # width 64: one quantization block per row
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    lm = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device}
+    ).train()  # (on a CPU, bitsandbytes repacks the weights for inference on a forward in eval mode)
+    text, embeds = (tensor.to(device) for tensor in text_and_embeds(width=64))
+    with torch.no_grad():
+        own = lm(input_ids=text).logits
+    model, adapters = flamingo_with_lora(lm)
+    model.train()
+    assert {p.dtype for p in adapters} == {torch.float32} and {p.device.type for p in adapters} == {device}
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=embeds).logits, own)
+    open_gates(model, 0.8)
+    train_step(model, text, embeds)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapters)
+    assert all(p.abs().sum() > 0 for name, p in model.lm.named_parameters() if "lora_B" in name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 is tested on CUDA")
+def test_lora_on_an_nf4_lm_on_cuda(tmp_path):
+    lora_on_nf4(tmp_path, "cuda")
