@@ -33,13 +33,14 @@ import torch
 from einops import repeat
 
 from flamingo_pytorch.evaluation import tasks
+from flamingo_pytorch.evaluation.demonstrations import RicesDemonstrations
 from flamingo_pytorch.evaluation.fixtures import (
     fixture_tokenizer,
     write_captions,
     write_hateful_memes,
     write_vqa_split,
 )
-from flamingo_pytorch.evaluation.models import EvalModel
+from flamingo_pytorch.evaluation.models import EvalModel, as_image
 from flamingo_pytorch.evaluation.runner import caption_data, hateful_memes_data, vqa_data
 from flamingo_pytorch.openflamingo import load_openflamingo
 
@@ -200,6 +201,9 @@ def their_evaluate(tmp_path_factory):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(directory)
+        for name, sibling in list(sys.modules.items()):  # its siblings, imported under bare names
+            if "." not in name and os.path.dirname(getattr(sibling, "__file__", None) or "") == directory:
+                del sys.modules[name]
         for name, previous in saved.items():
             if previous is None:
                 sys.modules.pop(name, None)
@@ -246,9 +250,9 @@ def both(setup, monkeypatch, tmp_path):
 
 def args_for(paths, **overrides) -> Namespace:
     root = paths["coco_image_root"]
-    overrides = {"num_samples": 5, **overrides}
+    overrides = {"num_samples": 5, "rices": False, **overrides}
     return Namespace(
-        model="open_flamingo", batch_size=3, rices=False, query_set_size=12, rank=0, world_size=1,
+        model="open_flamingo", batch_size=3, query_set_size=12, rank=0, world_size=1,
         coco_train_image_dir_path=os.path.join(root, "train2014"),
         coco_val_image_dir_path=os.path.join(root, "val2014"),
         coco_karpathy_json_path=paths["coco_karpathy_json"], coco_annotations_json_path=paths["coco_annotations_json"],
@@ -356,3 +360,31 @@ def test_zero_shot_classification_differs_from_openflamingo_only_in_its_images(t
     (their_texts, their_images), (our_texts, our_images) = their_model.calls[0], our_model.calls[0]
     assert our_texts == their_texts and all(text.count("<image>") == 1 for text in our_texts)
     assert [row[-1:] for row in their_images] == our_images and all(len(row) == 3 for row in their_images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shots", [0, 4])
+def test_rices_demonstrations_equal_openflamingos(their_evaluate, both, monkeypatch, shots):
+    """RICES over the same CLIP (a tiny random one, pooled embeddings): the same demonstrations,
+    most similar last, and so the same prompts, generations and CIDEr."""
+    paths, their_model, our_model = both
+    torch.manual_seed(1)
+    vision = open_clip.CLIPVisionCfg(layers=1, width=VISION_WIDTH, head_width=16, image_size=IMAGE, patch_size=8)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=32, width=16, heads=2, layers=1)
+    clip = open_clip.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text).eval()
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *args, **kwargs: (clip, None, image_transform))
+    args = args_for(paths, rices=True, rices_vision_encoder_path="tiny", rices_vision_encoder_pretrained="none")
+    their_score = their_evaluate.evaluate_captioning(args, their_model, seed=3, num_shots=shots, dataset_name="coco")
+
+    def features(images):
+        return clip.encode_image(torch.stack([image_transform(as_image(image)) for image in images]))
+
+    data = caption_data(paths["coco_karpathy_json"], paths["coco_image_root"], "coco", paths["coco_annotations_json"])
+    rices = RicesDemonstrations(data.train, features, batch_size=3)
+    our_score, _ = tasks.evaluate_captioning(
+        our_model, data.train, data.test, data.references, num_shots=shots, seed=3, num_samples=5,
+        batch_size=3, demonstrations=rices,
+    )  # fmt: skip
+    assert_same_batches(their_model, our_model)
+    assert our_model.outputs == their_model.outputs
+    assert abs(our_score - their_score) <= 1e-9
