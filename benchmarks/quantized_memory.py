@@ -15,16 +15,20 @@ latents, media width 1024, the ``<image>`` and ``<|endofchunk|>`` rows trained. 
 tokens with 2 images, each 256 precomputed features of width 1024 (a ViT-L's), ``labels=`` the
 text. A training step: forward, backward, AdamW over what trains (float32 master weights).
 
-``int8``: the LM in bfloat16, its linear layers int8 weight-only. ``nf4``: the LM loaded in
+``int8``: the LM in bfloat16, its decoder layers' linear layers int8 weight-only (the head, tied to
+the embedding, stays bfloat16). ``nf4``: the LM loaded in
 bfloat16 with its decoder layers' linear layers in NF4 (the head stays bfloat16, as transformers
 leaves it), through ``from_pretrained`` on a local copy. ``--checkpointing`` recomputes each
-decoder layer in backward (``activation_checkpointing_enable``).
+decoder layer in backward (``activation_checkpointing_enable``). ``--per-layer`` runs 2- and 4-layer
+models with one gated block and a 4-layer model with two: the differences are two decoder layers
+and one gated block (its weights, gradients, AdamW state and activations).
 
 Each configuration runs in its own process. Memory: on the CPU the child's peak resident set size
 (``ru_maxrss``; glibc runs with ``MALLOC_MMAP_THRESHOLD_`` so freed tensors leave it) and its
 resident set after the model is built, both above the level before building; on CUDA
 ``max_memory_allocated`` and ``memory_allocated``. Time: the median of ``--steps`` steps after
-``--warmup``. Prints a table and writes benchmarks/results/quantized_memory[_cuda].json.
+``--warmup``. Prints a table and writes benchmarks/results/quantized_memory[_per_layer][_checkpointing]
+[_cuda].json.
 """
 
 from __future__ import annotations
@@ -304,7 +308,8 @@ def main() -> None:
     title = f"Flamingo training step over a Llama-3.2-1B-shaped LM, 1 x {args.seq} tokens, 2 images"
     common.print_table(title, results, columns)
     args.autocast = None  # machine_info's field: the precision is per case here
-    common.write_json("quantized_memory", args, {"results": results})
+    name = "quantized_memory" + ("_per_layer" if args.per_layer else "") + ("_checkpointing" if args.checkpointing else "")
+    common.write_json(name, args, {"results": results})
 
 
 if __name__ == "__main__":
