@@ -308,7 +308,8 @@ def main() -> None:
     title = f"Flamingo training step over a Llama-3.2-1B-shaped LM, 1 x {args.seq} tokens, 2 images"
     common.print_table(title, results, columns)
     args.autocast = None  # machine_info's field: the precision is per case here
-    name = "quantized_memory" + ("_per_layer" if args.per_layer else "") + ("_checkpointing" if args.checkpointing else "")
+    kind = ("_per_layer" if args.per_layer else "") + ("_checkpointing" if args.checkpointing else "")
+    name = f"quantized_memory{kind}"
     common.write_json(name, args, {"results": results})
 
 
