@@ -157,6 +157,8 @@ class EvalModel:
         with model.media(media, time_mask):
             prompt = model.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
             cache, last = prompt.past_key_values, prompt.logits[:, -1:]  # (b, 1, v)
+            if not hasattr(cache, "crop"):  # a cache that cannot be cut back: the whole prompt per class
+                return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens)
             for name in tokens:
                 name = name.expand(b, -1)  # (b, L)
                 logits = last
@@ -166,6 +168,19 @@ class EvalModel:
                     logits = torch.cat((last, rest.logits), dim=1)  # (b, L, v)
                     cache.crop(-(name.shape[1] - 1))  # back to the prompt (negative: tokens to drop)
                 scores.append(mean_log_probability(logits, name))
+        return scores
+
+    def uncached_scores(
+        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+    ) -> list[Tensor]:
+        """The reference: prompt and class name through ``forward`` together, once per class."""
+        scores = []
+        for name in tokens:
+            name = name.expand(input_ids.shape[0], -1)  # (b, L)
+            text = torch.cat((input_ids, name), dim=1)  # (b, n + L)
+            mask = torch.cat((attention_mask, torch.ones_like(name, dtype=torch.bool)), dim=1)
+            logits = self.model(text, images, time_mask=time_mask, attention_mask=mask).logits
+            scores.append(mean_log_probability(logits[:, -name.shape[1] - 1 : -1], name))
         return scores
 
     def palm_scores(
