@@ -139,6 +139,8 @@ def build_flamingo(lm, case: dict, token_ids: tuple[int, ...] = (MEDIA, END_OF_C
 
 def tensor_bytes(tensor) -> int:
     """Bytes a weight holds: a tensor subclass's inner tensors (torchao), a 4-bit weight's absmax (bitsandbytes)."""
+    if tensor is None:  # e.g. a symmetric int8 weight's absent zero point
+        return 0
     if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
