@@ -37,3 +37,21 @@ def test_cases_of_one_implementation_share_a_process_and_keep_their_order():
 def test_sizes_override_the_configuration():
     args = argparse.Namespace(batch=8, seq=None)
     assert common.sized({"batch": 2, "seq": 512, "dim": 64}, args) == {"batch": 8, "seq": 512, "dim": 64}
+
+
+def test_the_openflamingo_generation_benchmark_runs_both_in_one_process_and_compares_tokens(tmp_path):
+    """hf_generation.py, tiny: OpenFlamingo's generate and ours on the same weights give the same tokens."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("open_clip", reason="pip install -e '.[clip]'")
+    pytest.importorskip("open_flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
+    import hf_generation
+
+    out = tmp_path / "hf_generation.json"
+    sizes = ["--layers=1", "--dim=64", "--prompt=24", "--new=3", "--reps=1", "--images", "8", f"--out={out}"]
+    rows = hf_generation.main(sizes)
+    assert [row["images"] for row in rows] == [8] and all(row["same_tokens"] == "3/3" for row in rows)
+    assert all(row["openflamingo_speedup"] == row["openflamingo_s"] / row["once_s"] for row in rows)
+    assert json.loads(out.read_text())["rows"] == rows
