@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, TINY, dense_and_segmented, greedy_by_full_forward, open_gates, tiny_image_encoder
 
-from flamingo_pytorch import FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention
+from flamingo_pytorch import Flamingo, FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MEDIA = TINY["media_token_id"]
@@ -93,3 +93,31 @@ def test_gated_block_never_synchronises_with_the_host_on_cuda(n, t):
         block(x, media, locations).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flamingo_over_a_low_precision_lm_on_the_gpu_lives_and_runs_there(dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    lm = transformers.LlamaForCausalLM(config).eval().to("cuda", dtype)
+    with torch.no_grad():
+        text = torch.randint(4, 64, (2, 8), device="cuda")
+        text[:, 1] = MEDIA
+        want = lm(input_ids=text).logits
+    model = Flamingo(lm, media_token_id=MEDIA, dim_head=8, heads=4, perceiver_depth=1, perceiver_num_latents=4)
+    assert {p.device.type for p in model.flamingo_parameters()} == {"cuda"}  # created beside the LM
+    assert {p.dtype for p in model.flamingo_parameters()} == {torch.float32}  # master weights
+    embeds = torch.randn(2, 1, 5, 32, device="cuda", dtype=torch.float64)  # any float dtype
+    with torch.no_grad():
+        assert torch.equal(model(text, image_embeds=embeds).logits, want)  # closed gates: the LM, bit for bit
+    open_gates(model, 0.5)
+    loss = model.train()(text, image_embeds=embeds, labels=text).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.gated_cross_attn.parameters())
+    tokens = model.eval().generate(text, image_embeds=embeds, max_new_tokens=3, do_sample=False)
+    assert tokens.shape == (2, 11) and tokens.device.type == "cuda"
