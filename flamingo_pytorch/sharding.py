@@ -24,7 +24,10 @@ What lands in which unit:
       of each transformers-LM gated block.
 
 Mixed precision (``MixedPrecisionPolicy``): the sharded parameters, the optimizer state and the
-gradient reduction stay float32; each unit computes in ``param_dtype`` (bfloat16 by default).
+gradient reduction stay float32; each unit computes in ``param_dtype`` (bfloat16 by default). Over
+a language model loaded in bfloat16 or float16, its units keep that dtype and what Flamingo trains
+stays float32 (its master weights); with ``param_dtype=None`` the trained units compute in the
+language model's dtype under ``torch.autocast`` (see ``Flamingo``).
 """
 
 from __future__ import annotations
