@@ -319,6 +319,20 @@ def test_greedy_generation_equals_argmax_of_full_forwards():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_openflamingos_own_generate_gives_our_tokens(beams):
+    """On this transformers (5.x), OpenFlamingo's generate runs, greedy and beam search, when a row is padded
+    (transformers drops an all-ones mask, which its FlamingoLMMixin.forward requires), and gives our tokens."""
+    theirs, lm, clip = build_theirs("llama", 2)
+    ours = load_openflamingo(theirs.state_dict(), lm, media_token_id=MEDIA, vision_encoder=clip)
+    text, mask, images = batch()  # row 1 is left-padded
+    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=beams, pad_token_id=PAD, eos_token_id=END_OF_CHUNK)
+    with torch.no_grad():
+        want = theirs.generate(images[:, :, None], text, attention_mask=mask, suppress_tokens=[MEDIA], **options)
+    got = ours.generate(text, images, attention_mask=mask, time_mask=TIME_MASK, do_sample=False, **options)
+    assert torch.equal(got, want)
+
+
 def test_added_tokens_take_openflamingos_ids():
     """The same calls as OpenFlamingo's factory give the same ids, so the checkpoint's rows line up."""
     from test_processor import tokenizer_and_lm
