@@ -133,7 +133,14 @@ def stack_images(tensors: list[list[Tensor]], count: int | None = None) -> tuple
     """
     shapes = {tuple(tensor.shape) for row in tensors for tensor in row}
     if len(shapes) > 1:
-        raise ValueError(f"images must all have one shape after the transform, got {sorted(shapes)}")
+        first = next(tensor.shape for row in tensors for tensor in row)
+        row, item, shape = next(
+            (r, i, t.shape) for r, ts in enumerate(tensors) for i, t in enumerate(ts) if t.shape != first
+        )
+        raise ValueError(
+            f"images must all have one shape after the transform: image {item} of row {row} is {tuple(shape)}, "
+            f"the first image is {tuple(first)}"
+        )
     most = max((len(row) for row in tensors), default=0)
     count = most if count is None else count
     if most > count:

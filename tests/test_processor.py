@@ -95,3 +95,13 @@ def test_prompts_whose_image_count_differs_from_their_tokens_raise():
         processor([f"{IMAGE_TOKEN}a{IMAGE_TOKEN}"], images=[[picture("red")]])
     with pytest.raises(ValueError, match="no <image> token"):
         FlamingoProcessor(tokenizer_and_lm()[0], to_tensor)
+
+
+def test_images_of_another_size_after_the_transform_are_named():
+    tokenizer, lm = tokenizer_and_lm()
+    add_flamingo_tokens(tokenizer, lm)
+    processor = FlamingoProcessor(tokenizer, lambda image: to_tensor(image)[:, : image.width // 2])  # H follows W
+    prompts, images = [f"{IMAGE_TOKEN}a", f"{IMAGE_TOKEN}a{IMAGE_TOKEN}"], [[picture("red")]] * 2
+    images[1] = [picture("red"), Image.new("RGB", (10, 24), "blue")]
+    with pytest.raises(ValueError, match=r"image 1 of row 1 is \(3, 5, 16\), the first image is \(3, 10, 16\)"):
+        processor(prompts, images=images)
