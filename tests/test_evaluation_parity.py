@@ -184,8 +184,7 @@ class RecordingEvalModel(EvalModel):
         return self.outputs[-1]
 
 
-@pytest.fixture(scope="module")
-def their_evaluate(tmp_path_factory):
+def load_their_evaluate():
     """OpenFlamingo's evaluate.py as a module (it imports its siblings by bare name)."""
     import open_flamingo
 
@@ -209,6 +208,12 @@ def their_evaluate(tmp_path_factory):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = previous
+    return module
+
+
+@pytest.fixture(scope="module")
+def their_evaluate(tmp_path_factory):
+    module = load_their_evaluate()
     if not torch.distributed.is_initialized():
         store = tmp_path_factory.mktemp("process_group") / "store"  # a file, not a port
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
@@ -249,22 +254,23 @@ def both(setup, monkeypatch, tmp_path):
 
 
 def args_for(paths, **overrides) -> Namespace:
-    root = paths["coco_image_root"]
-    overrides = {"num_samples": 5, "rices": False, **overrides}
+    root = paths.get("coco_image_root", "")
+    overrides = {"num_samples": 5, "rices": False, "batch_size": 3, "query_set_size": 12, **overrides}
     return Namespace(
-        model="open_flamingo", batch_size=3, query_set_size=12, rank=0, world_size=1,
+        model="open_flamingo", rank=0, world_size=1,
         coco_train_image_dir_path=os.path.join(root, "train2014"),
         coco_val_image_dir_path=os.path.join(root, "val2014"),
-        coco_karpathy_json_path=paths["coco_karpathy_json"], coco_annotations_json_path=paths["coco_annotations_json"],
-        vqav2_train_image_dir_path=paths["vqav2_train_image_dir"],
-        vqav2_test_image_dir_path=paths["vqav2_test_image_dir"],
-        vqav2_train_questions_json_path=paths["vqav2_train_questions_json"],
-        vqav2_train_annotations_json_path=paths["vqav2_train_annotations_json"],
-        vqav2_test_questions_json_path=paths["vqav2_test_questions_json"],
-        vqav2_test_annotations_json_path=paths["vqav2_test_annotations_json"],
-        hateful_memes_image_dir_path=paths["hateful_memes_image_dir"],
-        hateful_memes_train_annotations_json_path=paths["hateful_memes_train_jsonl"],
-        hateful_memes_test_annotations_json_path=paths["hateful_memes_test_jsonl"],
+        coco_karpathy_json_path=paths.get("coco_karpathy_json"),
+        coco_annotations_json_path=paths.get("coco_annotations_json"),
+        vqav2_train_image_dir_path=paths.get("vqav2_train_image_dir"),
+        vqav2_test_image_dir_path=paths.get("vqav2_test_image_dir"),
+        vqav2_train_questions_json_path=paths.get("vqav2_train_questions_json"),
+        vqav2_train_annotations_json_path=paths.get("vqav2_train_annotations_json"),
+        vqav2_test_questions_json_path=paths.get("vqav2_test_questions_json"),
+        vqav2_test_annotations_json_path=paths.get("vqav2_test_annotations_json"),
+        hateful_memes_image_dir_path=paths.get("hateful_memes_image_dir"),
+        hateful_memes_train_annotations_json_path=paths.get("hateful_memes_train_jsonl"),
+        hateful_memes_test_annotations_json_path=paths.get("hateful_memes_test_jsonl"),
         **overrides,
     )  # fmt: skip
 

@@ -21,6 +21,7 @@ per batch, not once per class:
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -156,15 +157,18 @@ class EvalModel:
         scores = []
         with model.media(media, time_mask):
             prompt = model.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-            cache, last = prompt.past_key_values, prompt.logits[:, -1:]  # (b, 1, v)
+            cache = getattr(prompt, "cache", None)  # (transformers 5 renamed past_key_values)
+            cache = prompt.past_key_values if cache is None else cache
+            last = prompt.logits[:, -1:]  # (b, 1, v)
             if not hasattr(cache, "crop"):  # a cache that cannot be cut back: the whole prompt per class
                 return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens)
+            keyword = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
             for name in tokens:
                 name = name.expand(b, -1)  # (b, L)
                 logits = last
                 if name.shape[1] > 1:
                     mask = torch.cat((attention_mask, torch.ones_like(name[:, :-1], dtype=torch.bool)), dim=1)
-                    rest = model.lm(input_ids=name[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                    rest = model.lm(input_ids=name[:, :-1], attention_mask=mask, use_cache=True, **{keyword: cache})
                     logits = torch.cat((last, rest.logits), dim=1)  # (b, L, v)
                     cache.crop(-(name.shape[1] - 1))  # back to the prompt (negative: tokens to drop)
                 scores.append(mean_log_probability(logits, name))
