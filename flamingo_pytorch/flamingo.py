@@ -90,10 +90,10 @@ def check_media_token_id(media_token_id: object, embedding: nn.Module) -> None:
 
 
 def check_input_ids(input_ids: object) -> None:
-    if not isinstance(input_ids, Tensor) or input_ids.dtype == torch.bool or input_ids.is_floating_point():
-        got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
-    if input_ids.is_complex():
+    """Token ids must be an integer tensor (float ids would crash inside the embedding)."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
 
 
