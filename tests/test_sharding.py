@@ -44,7 +44,7 @@ from flamingo_pytorch.training_state import (  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # the same weights in another process: only the order of a few sums may differ
 WORLD, ROWS, LENGTH, ITEMS, STEPS, SAVED_AT = 2, 2, 12, 2, 4, 2  # ROWS per rank; the reference sees both ranks'
-LR = 1e-2
+LR, ADAM_EPS = 1e-2, 1e-8  # AdamW's learning rate here and its default eps
 # Float32 error of a gradient: each element is a sum over the batch's tokens and, for the scalar gates,
 # over the width too: up to K = WORLD * ROWS * LENGTH * 32 = 1,536 products. Summed in another order
 # (each rank's half, then the reduce-scatter), the rounding errors add up like a random walk,
@@ -64,16 +64,16 @@ def adam_tolerance(history: list[torch.Tensor], lr: float) -> torch.Tensor:
     but up to the whole step where they sit at the rounding noise (its direction is then noise; Adam
     amplifies it, which is why a fixed atol on the weights fails on some machines). Over t <= 4 steps
     with beta2 = 0.999, v_hat weighs each past g_i^2 about equally, so sqrt(v_hat) >= max_i |g_i| / sqrt(t)
-    and |m_hat| <= max_i |g_i|: the step's error is at most lr * 2 sqrt(t) * delta_t / max_{i<=t} |g_i|,
-    and never more than the step's own bound lr * 2 sqrt(t) (its direction reversed). Sum over steps,
-    plus each step's rounding of the weight itself.
+    and |m_hat| <= max_i |g_i|: the step's error is at most lr * 2 delta_t / (max_{i<=t} |g_i| / sqrt(t) + eps)
+    (eps: AdamW's 1e-8 in the denominator), and never more than the step's own bound lr * 2 sqrt(t)
+    (its direction reversed). Summed over the steps; the caller adds each step's rounding of the weight.
     """
     bound, largest = torch.zeros_like(history[0]), torch.zeros_like(history[0])
     for t, grad in enumerate(history, start=1):
         largest = torch.maximum(largest, grad.abs())
         delta = GRAD_TOL * grad.abs().max()
-        ratio = (delta / largest).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
-        bound += lr * 2 * t**0.5 * ratio
+        step_error = 2 * delta / (largest / t**0.5 + ADAM_EPS)
+        bound += lr * step_error.clamp(max=2 * t**0.5)
     return bound
 
 
