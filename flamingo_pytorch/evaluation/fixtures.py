@@ -151,8 +151,9 @@ def write_hateful_memes(root: str | Path, train: int, test: int) -> dict:
         lines = []
         for index, (color, shape, background) in enumerate(scenes(count, seed=7 + count)):
             number = 10000 + 100 * len(split) + index
+            label = index % 2  # both labels in any few examples; "hateful" memes are red or blue
+            color = ("green", "yellow", "red", "blue")[2 * label + rng.randint(2)]
             save(draw(color, shape, background, rng), root / "hateful_memes" / "img" / f"{number}.png")
-            label = int(color in ("red", "blue"))
             lines.append(
                 {"id": number, "img": f"img/{number}.png", "label": label, "text": f"all {shape}s are {color}"}
             )
