@@ -231,3 +231,16 @@ def tokenizers_without_specials():
     from tokenizers import Tokenizer, models
 
     return Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+
+
+def test_classification_from_json_lists(tmp_path):
+    (tmp_path / "train.json").write_text(
+        json.dumps([{"image": f"t{i}.png", "class_name": c} for i, c in enumerate("abca")])
+    )
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "q.png", "class_name": "c"}]))
+    data = runner.image_list_data(str(tmp_path / "train.json"), str(tmp_path / "test.json"))
+    assert data.class_names == ["a", "b", "c"] and [item["class_id"] for item in data.train] == [0, 1, 2, 0]
+    assert data.test == [{"id": 0, "image": str(tmp_path / "q.png"), "class_id": 2, "class_name": "c"}]
+    (tmp_path / "other.json").write_text(json.dumps([{"image": "q.png", "class_name": "z"}]))
+    with pytest.raises(ValueError, match=r"lacks: \['z'\]"):
+        runner.image_list_data(str(tmp_path / "train.json"), str(tmp_path / "other.json"))

@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
         parse.add_argument(f"--hateful_memes_{what}")
     parse.add_argument("--imagenet_root", help="a folder with train/ and val/ class folders")
     parse.add_argument("--imagenet_class_names", help="a text file: the class folders' readable names, one a line")
+    parse.add_argument("--imagenet_train_list", help='instead of folders: a JSON list [{"image", "class_name"}]')
+    parse.add_argument("--imagenet_test_list", help="the test examples, in the same format")
     return parse
 
 
@@ -74,6 +76,8 @@ def task_data(args: dict) -> dict[str, runner.TaskData]:
         if args.get("imagenet_class_names"):
             names = Path(args["imagenet_class_names"]).read_text(encoding="utf-8").splitlines()
         data["imagenet"] = runner.image_folder_data(args["imagenet_root"], names)
+    if args.get("imagenet_test_list"):
+        data["imagenet"] = runner.image_list_data(args["imagenet_train_list"], args["imagenet_test_list"])
     if args.get("hateful_memes_test_jsonl"):
         data["hateful_memes"] = runner.hateful_memes_data(
             args["hateful_memes_train_jsonl"], args["hateful_memes_test_jsonl"], args["hateful_memes_image_dir"]

@@ -151,7 +151,9 @@ def read_image_folder(root: str | Path, class_names: list[str] | None = None) ->
 
 
 def read_image_list(path: str | Path, image_root: str | Path = "") -> tuple[list[dict], list[str]]:
-    """A JSON list [{"image": path, "class_name": name}, ...] -> (items, class names in first-seen order)."""
+    """A JSON list [{"image": path, "class_name": name}, ...] -> (items, class names in first-seen order).
+    Relative image paths are read from ``image_root`` (default: the list's folder)."""
+    image_root = image_root or Path(path).parent
     names: list[str] = []
     items = []
     for index, record in enumerate(read_json(path)):

@@ -69,6 +69,18 @@ def image_folder_data(root: str, class_names: list[str] | None = None) -> TaskDa
     return TaskData(train, test, class_names=names)
 
 
+def image_list_data(train_json: str, test_json: str) -> TaskData:
+    """Classification from JSON lists; the classes are the training list's, in first-seen order."""
+    train, names = datasets.read_image_list(train_json)
+    test, test_names = datasets.read_image_list(test_json)
+    unknown = sorted(set(test_names) - set(names))
+    if unknown:
+        raise ValueError(f"{test_json} has classes that {train_json} lacks: {unknown[:5]}")
+    for item in test:
+        item["class_id"] = names.index(item["class_name"])
+    return TaskData(train, test, class_names=names)
+
+
 def run_trial(model, task: str, data: TaskData, shots: int, seed: int, settings: dict, demonstrations):
     common = dict(num_shots=shots, seed=seed, demonstrations=demonstrations, **settings)
     if task in CAPTIONING:
