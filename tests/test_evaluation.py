@@ -244,3 +244,18 @@ def test_classification_from_json_lists(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps([{"image": "q.png", "class_name": "z"}]))
     with pytest.raises(ValueError, match=r"lacks: \['z'\]"):
         runner.image_list_data(str(tmp_path / "train.json"), str(tmp_path / "other.json"))
+
+
+@pytest.mark.parametrize("build", [tiny_flamingo, tiny_palm], ids=["flamingo", "flamingo_palm"])
+def test_rices_with_the_models_own_features_puts_the_same_image_last(tokenizer, build, tmp_path):
+    paths = write_hateful_memes(tmp_path, train=6, test=2)
+    data = runner.hateful_memes_data(
+        paths["hateful_memes_train_jsonl"], paths["hateful_memes_test_jsonl"], paths["hateful_memes_image_dir"]
+    )
+    model = EvalModel(build(tokenizer), tokenizer, image_transform)
+    features = model.vision_features([item["image"] for item in data.train[:2]])
+    assert features.shape == (2, 24)
+    rices = RicesDemonstrations(data.train, model.vision_features, batch_size=4)
+    chosen = rices([data.train[3], data.train[5]], 3)
+    assert [row[-1]["id"] for row in chosen] == [data.train[3]["id"], data.train[5]["id"]]
+    assert all(len({item["id"] for item in row}) == 3 for row in chosen)
