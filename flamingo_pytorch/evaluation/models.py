@@ -153,7 +153,7 @@ class EvalModel:
         self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
     ) -> list[Tensor]:
         model, b = self.model, input_ids.shape[0]
-        media = model.encode_media(input_ids, images, None, time_mask)  # (b, t, m, e)
+        media = model.encode_media(input_ids, images, image_embeds=None, time_mask=time_mask)  # (b, t, m, e)
         scores = []
         with model.media(media, time_mask):
             prompt = model.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
