@@ -21,8 +21,9 @@ Media and the gated blocks' outputs come back in the hidden states' dtype.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import Tensor, nn
@@ -51,12 +52,20 @@ def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
     )
 
 
+def cache_of(values: dict) -> object | None:
+    """The key/value cache in a language model call's keyword arguments or output, or None."""
+    for name in ("past_key_values", "cache"):  # the keyword transformers uses, before and since 5.x
+        cache = values.get(name) if isinstance(values, dict) else getattr(values, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def tokens_in_cache(lm_kwargs: dict) -> int:
     """How many tokens the key/value cache passed to a language model call already holds (0: none)."""
-    for name in ("past_key_values", "cache"):  # the keyword transformers uses, before and since 5.x
-        cache = lm_kwargs.get(name)
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
+    cache = cache_of(lm_kwargs)
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
     position = lm_kwargs.get("cache_position")
     return int(position[0]) if position is not None and position.numel() else 0
 
@@ -95,9 +104,6 @@ def check_input_ids(input_ids: object) -> None:
         raise TypeError(f"input_ids must be an integer tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
-
-
-TRAINED = ("perceiver_resampler.", "gated_cross_attn.", "token_rows.")  # state-dict prefixes of what trains
 
 
 class Flamingo(nn.Module):
@@ -179,7 +185,12 @@ class Flamingo(nn.Module):
         self.state = MediaState()
         for block, i in zip(self.gated_cross_attn, chosen):
             layers[i] = FusionLayer(layers[i], block, self.state)
+        # Each key/value cache the language model returns -> its rows' media tokens so far (b,), so that
+        # a later call continuing that cache, in another forward, counts on from there.
+        self.cache_counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.counts_after_call: Tensor | None = None
         lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
+        lm.register_forward_hook(self.remember_counts, with_kwargs=True)
         self.token_rows = TrainedTokenRows(embedding, train_token_ids).to(master_dtype)
         if train_token_ids:
             lm.get_input_embeddings().register_forward_hook(self.token_rows.replace_rows)
@@ -248,7 +259,9 @@ class Flamingo(nn.Module):
         Args:
             input_ids: (b, n) token ids; ``media_token_id`` marks each media item's place. With media,
                 each row needs one per real item (padding tokens do not count), else a ValueError
-                (docs/arguments.md; not checked when continuing a cache); without, it is an ordinary token.
+                (docs/arguments.md); without, it is an ordinary token. A call continuing a key/value cache
+                filled through this Flamingo (``past_key_values``/``cache``, e.g. the next turn of a
+                conversation) counts on from the media tokens in the cache: pass all the media so far.
             images: (b, t, c, H, W), encoded by ``vision_encoder``.
             image_embeds: (b, t, p, e) precomputed features, instead of ``images``.
             time_mask: (b, t) bool (or 0/1 integers), True for real media items, False for padding.
@@ -257,8 +270,22 @@ class Flamingo(nn.Module):
         """
         check_input_ids(input_ids)
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
-        if media is not None and tokens_in_cache(lm_kwargs) == 0:  # (a call continuing a cache: counted at its prompt)
-            check_media_tokens(input_ids, self.media_token_id, attention_mask, time_mask, media.shape[1])
+        if media is not None:  # a call continuing a cache counts on from the media tokens already in it
+            earlier = self.counts_before(input_ids, lm_kwargs)
+            if earlier is None:
+                raise ValueError(
+                    "this call continues a key/value cache that was not filled through this Flamingo, so the "
+                    "media tokens before it are unknown: fill the cache with a Flamingo call, or pass the whole text"
+                )
+            check_media_tokens(
+                input_ids,
+                self.media_token_id,
+                attention_mask,
+                time_mask,
+                media.shape[1],
+                earlier_tokens=earlier,
+                earlier_items=torch.zeros_like(earlier),
+            )
         with self.media(media, time_mask):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
 
@@ -298,21 +325,47 @@ class Flamingo(nn.Module):
         finally:
             self.state.clear()
 
-    def index_tokens(self, lm: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the language model: each new token's media index, continuing the
-        count of the earlier tokens when the call continues a non-empty key/value cache."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.state.media is None or input_ids is None:
-            return
-        continues = tokens_in_cache(kwargs) > 0
-        counts = (
-            self.state.counts if continues and self.state.counts is not None else input_ids.new_zeros(len(input_ids))
-        )
-        if counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since the count was taken
+    def counts_before(self, input_ids: Tensor, lm_kwargs: dict) -> Tensor | None:
+        """(b,) long: each row's media tokens before this call's ``input_ids``: none for a fresh call; for a
+        call continuing a key/value cache, those counted when the cache was filled (within one
+        ``generate``, or by an earlier call through this Flamingo); None where they are unknown."""
+        if tokens_in_cache(lm_kwargs) == 0:
+            return input_ids.new_zeros(input_ids.shape[0])
+        counts = self.state.counts
+        if counts is None:
+            try:
+                counts = self.cache_counts.get(cache_of(lm_kwargs))
+            except TypeError:  # a cache that cannot be weakly referenced (legacy tuples) is never remembered
+                counts = None
+        if counts is not None and counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since
             counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
+        return counts
+
+    def index_tokens(self, lm: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the language model: each new token's media index, counting on from the
+        tokens already in the key/value cache when the call continues one."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.counts_after_call = None
+        if input_ids is None:
+            return
+        counts = self.counts_before(input_ids, kwargs)
+        if counts is None:
+            if self.state.media is not None:
+                raise ValueError("the media tokens before this call's key/value cache are unknown (see forward)")
+            return
         index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
-        self.state.start_forward(index)
-        self.state.counts = index[:, -1] if index.shape[1] else counts
+        self.counts_after_call = index[:, -1] if index.shape[1] else counts  # (b,)
+        if self.state.media is not None:
+            self.state.start_forward(index)
+            self.state.counts = self.counts_after_call
+
+    def remember_counts(self, lm: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook on the language model: the cache it returns holds ``counts_after_call`` media tokens per row."""
+        cache = cache_of(output) if output is not None else None
+        if cache is not None and self.counts_after_call is not None:
+            with suppress(TypeError):  # not weakly referenceable: a later call cannot continue it with media
+                self.cache_counts[cache] = self.counts_after_call
+        self.counts_after_call = None
 
     def encode_media(
         self, input_ids: Tensor, images: Tensor | None, image_embeds: Tensor | None, time_mask: Tensor | None

@@ -5,6 +5,7 @@ continuation, a conversation's later turns) still run."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -140,9 +141,6 @@ def test_flamingo_forward_continuing_a_cache_is_not_recounted(flamingo):
     assert step.logits.shape == (2, 1, VOCAB)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="known bug, reported: Flamingo.forward restarts the media count in a call continuing a cache"
-)
 def test_flamingo_forward_continuing_a_cache_reads_the_latest_image(flamingo):
     text, features = text_with_media([[1, 4], [1, 4]], length=7), embeds(2, 2)
     with torch.no_grad():
@@ -150,6 +148,29 @@ def test_flamingo_forward_continuing_a_cache_reads_the_latest_image(flamingo):
         prompt = flamingo(text[:, :6], image_embeds=features, use_cache=True)
         step = flamingo(text[:, 6:], image_embeds=features, **continuing(flamingo, prompt)).logits[:, -1]
     torch.testing.assert_close(step, full)  # float32 defaults, as tests/test_generation.py compares cached logits
+
+
+def test_a_turn_continuing_a_cache_with_a_new_image_equals_the_full_forward(flamingo):
+    """A conversation over a transformers LM: the second call adds an <image> and its image, and its
+    tokens read it, counting on from the two <image> tokens already in the cache."""
+    text, features = text_with_media([[1, 4, 8], [0, 2, 9]], length=11), embeds(2, 3)
+    with torch.no_grad():
+        full = flamingo(text, image_embeds=features).logits[:, 7:]
+        first = flamingo(text[:, :7], image_embeds=features[:, :2], use_cache=True)
+        turn = flamingo(text[:, 7:], image_embeds=features, **continuing(flamingo, first)).logits
+    torch.testing.assert_close(turn, full)  # float32 defaults, as tests/test_generation.py compares cached logits
+    with torch.no_grad(), pytest.raises(ValueError, match=mismatch(0, 2, 3)):
+        second = flamingo(text[:, :7], image_embeds=features[:, :2], use_cache=True)
+        flamingo(torch.full((2, 1), 5), image_embeds=features, **continuing(flamingo, second))  # no 3rd <image>
+
+
+def test_continuing_a_cache_this_flamingo_did_not_fill_raises(flamingo):
+    text, features = text_with_media([[1, 4], [1, 4]], length=7), embeds(2, 2)
+    with torch.no_grad():
+        prompt = flamingo(text[:, :6], image_embeds=features, use_cache=True)
+        ((name, cache),) = continuing(flamingo, prompt).items()
+        with pytest.raises(ValueError, match="not filled through this Flamingo"):
+            flamingo(text[:, 6:], image_embeds=features, **{name: copy.deepcopy(cache)})
 
 
 # -- FlamingoPaLM ----------------------------------------------------------------------------------
