@@ -6,7 +6,8 @@ One small adapter, ``VisionEncoder``, for the encoders people have, told apart b
     open_clip     a CLIP model or its ``visual`` tower; ``output_tokens`` is switched on and the
                   patch tokens are returned (what OpenFlamingo feeds its resampler)
     transformers  ``CLIPVisionModel``, ``SiglipVisionModel`` (or a ``CLIPModel``'s ``vision_model``):
-                  ``last_hidden_state``
+                  ``last_hidden_state``; a SigLIP2 NaFlex tower (its forward takes ``spatial_shapes``)
+                  reads the images cut into patches, as its image processor cuts them
     timm          ``forward_features``
     vit-pytorch   ``Extractor(vit, return_embeddings_only=True)``, or any module that returns
                   (B, p, e) features
@@ -16,6 +17,10 @@ The encoder is frozen and kept in eval mode by ``Flamingo``; nothing here import
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -36,6 +41,8 @@ class VisionEncoder(nn.Module):
         if hasattr(encoder, "output_tokens"):  # open_clip's VisionTransformer: return (pooled, tokens)
             encoder.output_tokens = True
         self.encoder = encoder
+        forward = getattr(encoder, "forward", None)
+        self.takes_patches = callable(forward) and "spatial_shapes" in inspect.signature(forward).parameters
 
     @property
     def feature_width(self) -> int | None:
@@ -62,11 +69,24 @@ class VisionEncoder(nn.Module):
             images = images.to(weight.dtype)
         if hasattr(encoder, "forward_features"):  # timm
             out = encoder.forward_features(images)
+        elif self.takes_patches:  # transformers, SigLIP2 NaFlex
+            out = encoder(**naflex_inputs(images, encoder.config.patch_size))
         elif hasattr(encoder, "main_input_name"):  # transformers
             out = encoder(**{encoder.main_input_name: images})
         else:
             out = encoder(images)
         return patch_features(out)
+
+
+def naflex_inputs(images: Tensor, patch_size: int) -> dict[str, Tensor]:
+    """images (B, c, H, W) -> a SigLIP2 NaFlex tower's inputs: every patch real, one (H/s, W/s) grid per image."""
+    height, width = images.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"images of {height} x {width} pixels do not cut into {patch_size}-pixel patches")
+    patches = rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
+    mask = torch.ones(patches.shape[:2], dtype=torch.long, device=images.device)  # (B, h w)
+    grid = torch.tensor([[height // patch_size, width // patch_size]], device=images.device)  # (1, 2)
+    return dict(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=grid.expand(len(images), 2))
 
 
 def patch_features(out) -> Tensor:

@@ -569,27 +569,16 @@ class NaFlexPatches(nn.Module):
 
 
 @slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="VisionEncoder passes a Siglip2VisionModel only pixel_values, but it reads patches with "
-    "pixel_attention_mask and spatial_shapes: wrap it (NaFlexPatches) until vision.py cuts the patches",
-)
 def test_siglip2_naflex_tower_as_given():
-    from flamingo_pytorch.vision import VisionEncoder
-
-    images = torch.randn(2, 3, 256, 256).to(torch.bfloat16)
-    VisionEncoder(siglip2_so400m_naflex().to(torch.bfloat16))(images)
-
-
-@slow
-def test_siglip2_naflex_through_its_patches():
-    """The SigLIP2 NaFlex tower at its width, through NaFlexPatches, under the same checks as the encoders
-    above (256 x 256 images: its native 16 x 16 grid)."""
+    """The SigLIP2 NaFlex tower at its width, passed to Flamingo as it is (VisionEncoder cuts the patches),
+    under the same checks as the encoders above (256 x 256 images: its native 16 x 16 grid); its
+    features equal those of the tower fed by NaFlexPatches, the image processor's cut written out here."""
     torch.manual_seed(0)
-    encoder = NaFlexPatches(siglip2_so400m_naflex()).to(torch.bfloat16)
+    tower = siglip2_so400m_naflex().to(torch.bfloat16)
     images = torch.randn(2, 2, 3, 256, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     media = dict(images=images, time_mask=TIME_MASK)
-    model = check_flamingo(small_lm(), media, vision_encoder=encoder, media_dim=1152, above_tolerance=False)
+    model = check_flamingo(small_lm(), media, vision_encoder=tower, above_tolerance=False)
     with torch.no_grad():
-        assert model.vision_encoder(images.flatten(0, 1)).shape == (4, 256, 1152)
+        features = model.vision_encoder(images.flatten(0, 1))
+        assert features.shape == (4, 256, 1152)
+        assert torch.equal(features, NaFlexPatches(tower)(images.flatten(0, 1)))
