@@ -2,6 +2,22 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+EXTRAS = {
+    "vit": ["vit-pytorch"],
+    "hf": ["transformers>=5.24"],
+    "clip": ["open_clip_torch>=3"],
+    "timm": ["timm>=1"],
+    "examples": ["tqdm", "matplotlib", "safetensors", "scikit-learn"],
+    "eval": ["pycocoevalcap", "scikit-learn", "tqdm", "Pillow", "numpy"],
+    "data": ["webdataset", "Pillow", "numpy"],
+    "peft": ["peft>=0.21"],
+    "quant": ["torchao>=0.18"],  # int8 weight-only quantization of the frozen LM, CPU or GPU
+    "nf4": ["bitsandbytes>=0.46.1"],  # 4-bit NF4 loading through transformers (a GPU's)
+    "test": ["pytest", "ruff"],
+}
+# Every extra but nf4 (bitsandbytes, for a GPU): what `.ci/run` and the README's test command install.
+EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "nf4" for dep in deps})
+
 setup(
     name="flamingo-pytorch",
     version="0.2.0",
@@ -13,19 +29,7 @@ setup(
     packages=find_packages(include=["flamingo_pytorch", "flamingo_pytorch.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.5", "einops>=0.7", "einops-exts"],
-    extras_require={
-        "vit": ["vit-pytorch"],
-        "hf": ["transformers>=5.24"],
-        "clip": ["open_clip_torch>=3"],
-        "timm": ["timm>=1"],
-        "examples": ["tqdm", "matplotlib", "safetensors", "scikit-learn"],
-        "eval": ["pycocoevalcap", "scikit-learn", "tqdm", "Pillow", "numpy"],
-        "data": ["webdataset", "Pillow", "numpy"],
-        "peft": ["peft>=0.21"],
-        "quant": ["torchao>=0.18"],  # int8 weight-only quantization of the frozen LM, CPU or GPU
-        "nf4": ["bitsandbytes>=0.46.1"],  # 4-bit NF4 loading through transformers (a GPU's)
-        "test": ["pytest", "ruff"],
-    },
+    extras_require=EXTRAS,
     keywords=["artificial intelligence", "deep learning", "visual language model", "few-shot", "flamingo"],
     classifiers=[
         "Development Status :: 4 - Beta",
