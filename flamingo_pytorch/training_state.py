@@ -272,8 +272,7 @@ METADATA_GLOBALS = {
         "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},  # torch._utils in older torch
-    "torch._utils": {"_get_layout"},
+    "torch.serialization": {"_get_layout"},  # how a torch.layout pickles
     "torch": {"Size"},
     "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
