@@ -17,7 +17,8 @@ from pathlib import Path
 
 from flamingo_pytorch.evaluation import runner
 from flamingo_pytorch.evaluation.datasets import VQA_SETS
-from flamingo_pytorch.evaluation.models import EvalModel
+from flamingo_pytorch.evaluation.models import WITHHOLD, EvalModel
+from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, PromptTemplate
 
 VQA_FILES = ("train_questions_json", "train_annotations_json", "train_image_dir", "test_questions_json")
 VQA_FILES += ("test_annotations_json", "test_image_dir")
@@ -39,6 +40,14 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--rices_cache_dir", help="where RICES keeps the training images' features")
     parse.add_argument("--device", default=None)
     parse.add_argument("--fixtures", help="write the generated fixture datasets here and evaluate on all of them")
+    parse.add_argument(
+        "--prompt_templates",
+        help='a JSON file {task: {"demonstration": ..., "query": ...}}: prompt formats instead of OpenFlamingo\'s',
+    )
+    parse.add_argument("--end_of_chunk", default=END_OF_CHUNK, help="the token that ends an answer (generation stops)")
+    parse.add_argument(
+        "--withhold_images", choices=WITHHOLD, help="control: zero images (blank) or none at all, prompts unchanged"
+    )
     for name in ("coco", "flickr30"):
         for what in ("karpathy_json", "image_root", "annotations_json"):
             parse.add_argument(f"--{name}_{what}")
@@ -97,7 +106,14 @@ def load_model(args: argparse.Namespace) -> EvalModel:
         model, tokenizer, transform = module.load_model()
     if args.device is not None:
         model = model.to(args.device)
-    return EvalModel(model, tokenizer, transform)
+    return EvalModel(model, tokenizer, transform, end_of_chunk=args.end_of_chunk, withhold_images=args.withhold_images)
+
+
+def read_prompt_templates(path: str | None) -> dict[str, PromptTemplate] | None:
+    """``--prompt_templates``'s file -> {task: PromptTemplate}."""
+    if path is None:
+        return None
+    return {task: PromptTemplate(**fields) for task, fields in json.loads(Path(path).read_text("utf-8")).items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_model(args), data, args.output_dir, shots=args.shots, seeds=args.trial_seeds,
         num_samples=args.num_samples, query_set_size=args.query_set_size, batch_size=args.batch_size,
         num_beams=args.num_beams, rices=args.rices, rices_cache_dir=args.rices_cache_dir,
+        prompt_templates=read_prompt_templates(args.prompt_templates),
     )  # fmt: skip
     print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({"results": str(Path(args.output_dir) / "results.json")}))

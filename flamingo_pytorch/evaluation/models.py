@@ -31,6 +31,7 @@ from flamingo_pytorch.evaluation.datasets import load_image
 from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, IMAGE
 
 MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
+WITHHOLD = ("blank", "none")  # controls: zero images in place of the real ones, or no images at all
 
 
 def as_image(image):
@@ -45,20 +46,39 @@ class EvalModel:
         tokenizer: a transformers tokenizer that knows ``<image>`` and ``<|endofchunk|>``.
         image_transform: PIL image -> (c, H, W) float tensor (e.g. open_clip's preprocess).
         device: where inputs go (default: the model's parameters' device).
+        end_of_chunk: the token that ends an answer: generation stops there and the text is cut
+            before it (default OpenFlamingo's ``<|endofchunk|>``; e.g. ``"."`` for a model trained on
+            answers ending in a full stop, with a matching ``PromptTemplate``).
+        withhold_images: a control that keeps the images from the model, the prompts unchanged:
+            ``"blank"`` passes zero images (same shapes and ``time_mask``), ``"none"`` passes no
+            images at all (the ``<image>`` tokens stay in the text; nothing is cross-attended).
+            None (default): the images are passed.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, image_transform: Callable, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        image_transform: Callable,
+        device: torch.device | None = None,
+        *,
+        end_of_chunk: str = END_OF_CHUNK,
+        withhold_images: str | None = None,
+    ):
         from flamingo_pytorch.flamingo import Flamingo
         from flamingo_pytorch.flamingo_palm import FlamingoPaLM
 
         if not isinstance(model, (Flamingo, FlamingoPaLM)):
             raise TypeError(f"model must be a Flamingo or a FlamingoPaLM, got {type(model).__name__}")
+        if withhold_images not in (None, *WITHHOLD):
+            raise ValueError(f"withhold_images must be None, 'blank' or 'none', got {withhold_images!r}")
+        self.withhold_images = withhold_images
         self.model, self.tokenizer, self.image_transform = model.eval(), tokenizer, image_transform
         self.is_palm = isinstance(model, FlamingoPaLM)
         self.device = device if device is not None else next(model.parameters()).device
         self.tokenizer.padding_side = "left"
         vocabulary = tokenizer.get_vocab()
-        for token in (IMAGE, END_OF_CHUNK):
+        for token in (IMAGE, end_of_chunk):
             if token not in vocabulary:
                 raise ValueError(
                     f"tokenizer has no {token} token: add it (add_openflamingo_tokens or add_flamingo_tokens)"
@@ -68,12 +88,15 @@ class EvalModel:
                 f"the tokenizer's {IMAGE} is id {vocabulary[IMAGE]} "
                 f"but the model's media_token_id is {model.media_token_id}"
             )
-        self.end_of_chunk_id = vocabulary[END_OF_CHUNK]
+        self.end_of_chunk_id = vocabulary[end_of_chunk]
 
     # -- inputs ------------------------------------------------------------------------------------
 
-    def prepare_images(self, batch_images: Sequence[Sequence]) -> tuple[Tensor, Tensor]:
-        """Lists of images (paths or PIL) -> images (b, t, c, H, W) and time_mask (b, t), zero-padded."""
+    def prepare_images(self, batch_images: Sequence[Sequence]) -> tuple[Tensor | None, Tensor | None]:
+        """Lists of images (paths or PIL) -> images (b, t, c, H, W) and time_mask (b, t), zero-padded;
+        with ``withhold_images``: the images zeroed ("blank"), or (None, None) ("none")."""
+        if self.withhold_images == "none":
+            return None, None
         pixels = [[self.image_transform(as_image(image)) for image in row] for row in batch_images]
         shape = next(tensor.shape for row in pixels for tensor in row)
         count = max(len(row) for row in pixels)
@@ -82,6 +105,8 @@ class EvalModel:
         for i, row in enumerate(pixels):
             for j, tensor in enumerate(row):
                 images[i, j], time_mask[i, j] = tensor, True
+        if self.withhold_images == "blank":
+            images.zero_()
         return images.to(self.device), time_mask.to(self.device)
 
     def prepare_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -124,7 +149,10 @@ class EvalModel:
                 min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_beams=num_beams,
                 length_penalty=length_penalty, eos_token_id=self.end_of_chunk_id,
             )  # fmt: skip
-        return self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(
+            [until_end(row, self.end_of_chunk_id) for row in out[:, input_ids.shape[1] :].tolist()],
+            skip_special_tokens=True,
+        )
 
     # -- rank classification -----------------------------------------------------------------------
 
@@ -137,21 +165,37 @@ class EvalModel:
 
     @torch.inference_mode()
     def class_log_likelihoods(
-        self, texts: Sequence[str], batch_images: Sequence[Sequence], class_names: Sequence[str]
+        self,
+        texts: Sequence[str],
+        batch_images: Sequence[Sequence],
+        class_names: Sequence[str],
+        score: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """(b, C) float: each class name's mean token log-probability after each prompt."""
+        """(b, C) float: each class name's mean token log-probability after each prompt.
+
+        ``score`` maps a class name's logits (b, L, v) and tokens (b, L) to its score (b, ...)
+        instead (default ``mean_log_probability``); the result is then (b, C, ...).
+        """
         input_ids, attention_mask = self.prepare_text(texts)
         images, time_mask = self.prepare_images(batch_images)
         tokens = self.class_tokens(class_names)
+        score = mean_log_probability if score is None else score
         if self.is_palm:
-            scores = self.palm_scores(input_ids, attention_mask, images, time_mask, tokens)
+            scores = self.palm_scores(input_ids, attention_mask, images, time_mask, tokens, score)
         else:
-            scores = self.cached_scores(input_ids, attention_mask, images, time_mask, tokens)
-        return torch.stack(scores, dim=1).float().cpu()  # (b, C)
+            scores = self.cached_scores(input_ids, attention_mask, images, time_mask, tokens, score)
+        return torch.stack(scores, dim=1).float().cpu()  # (b, C, ...)
 
     def cached_scores(
-        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor,
+        time_mask: Tensor,
+        tokens: list[Tensor],
+        score: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
+        score = mean_log_probability if score is None else score
         model, b = self.model, input_ids.shape[0]
         media = model.encode_media(input_ids, images, image_embeds=None, time_mask=time_mask)  # (b, t, m, e)
         scores = []
@@ -161,7 +205,7 @@ class EvalModel:
             cache = prompt.past_key_values if cache is None else cache
             last = prompt.logits[:, -1:]  # (b, 1, v)
             if not hasattr(cache, "crop"):  # a cache that cannot be cut back: the whole prompt per class
-                return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens)
+                return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens, score)
             keyword = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
             for name in tokens:
                 name = name.expand(b, -1)  # (b, L)
@@ -171,25 +215,39 @@ class EvalModel:
                     rest = model.lm(input_ids=name[:, :-1], attention_mask=mask, use_cache=True, **{keyword: cache})
                     logits = torch.cat((last, rest.logits), dim=1)  # (b, L, v)
                     cache.crop(-(name.shape[1] - 1))  # back to the prompt (negative: tokens to drop)
-                scores.append(mean_log_probability(logits, name))
+                scores.append(score(logits, name))
         return scores
 
     def uncached_scores(
-        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor,
+        time_mask: Tensor,
+        tokens: list[Tensor],
+        score: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
         """The reference: prompt and class name through ``forward`` together, once per class."""
+        score = mean_log_probability if score is None else score
         scores = []
         for name in tokens:
             name = name.expand(input_ids.shape[0], -1)  # (b, L)
             text = torch.cat((input_ids, name), dim=1)  # (b, n + L)
             mask = torch.cat((attention_mask, torch.ones_like(name, dtype=torch.bool)), dim=1)
             logits = self.model(text, images, time_mask=time_mask, attention_mask=mask).logits
-            scores.append(mean_log_probability(logits[:, -name.shape[1] - 1 : -1], name))
+            scores.append(score(logits[:, -name.shape[1] - 1 : -1], name))
         return scores
 
     def palm_scores(
-        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor, time_mask: Tensor, tokens: list[Tensor]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor,
+        time_mask: Tensor,
+        tokens: list[Tensor],
+        score: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
+        score = mean_log_probability if score is None else score
         state = self.model.prefill(input_ids, images, time_mask=time_mask, attention_mask=attention_mask)
         scores = []
         for name in tokens:
@@ -201,7 +259,7 @@ class EvalModel:
                         branch = copy.deepcopy(state)
                 branch = self.model.extend(branch, name[:, i : i + 1])
                 logits.append(branch.logits)
-            scores.append(mean_log_probability(torch.stack(logits, dim=1), name))  # logits (b, L, v)
+            scores.append(score(torch.stack(logits, dim=1), name))  # logits (b, L, v)
         return scores
 
     # -- RICES -------------------------------------------------------------------------------------
@@ -215,6 +273,11 @@ class EvalModel:
         pixels = torch.stack([self.image_transform(as_image(image)) for image in images]).to(self.device)
         features = encoder(pixels)  # (b, p, e) or (b, e)
         return features.mean(dim=1) if features.ndim == 3 else features
+
+
+def until_end(tokens: list[int], end_id: int) -> list[int]:
+    """The generated tokens before the first ``end_id`` (all of them if it never comes)."""
+    return tokens[: tokens.index(end_id)] if end_id in tokens else tokens
 
 
 def mean_log_probability(logits: Tensor, tokens: Tensor) -> Tensor:

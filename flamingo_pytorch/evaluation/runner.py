@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flamingo_pytorch.evaluation import datasets, tasks
 from flamingo_pytorch.evaluation.demonstrations import RicesDemonstrations
+from flamingo_pytorch.evaluation.prompts import PromptTemplate
 
 CAPTIONING, VQA = ("coco", "flickr30"), ("vqav2", "ok_vqa", "textvqa", "vizwiz")
 CLASSIFICATION = ("imagenet", "hateful_memes")
@@ -110,8 +111,15 @@ def run(
     rices: bool = False,
     rices_cache_dir: str | None = None,
     progress: bool = True,
+    prompt_templates: dict[str, PromptTemplate] | None = None,
 ) -> dict:
-    """Evaluate ``model`` (an ``EvalModel``) on each task of ``data`` -> results (also written to disk)."""
+    """Evaluate ``model`` (an ``EvalModel``) on each task of ``data`` -> results (also written to disk).
+
+    ``prompt_templates``: task name -> a prompt format of one's own (default: OpenFlamingo's)."""
+    prompt_templates = prompt_templates or {}
+    unknown = sorted(set(prompt_templates) - set(TASKS))
+    if unknown:
+        raise ValueError(f"prompt_templates has unknown tasks {unknown}: choose among {', '.join(TASKS)}")
     output_dir = Path(output_dir)
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     results = {}
@@ -123,7 +131,7 @@ def run(
         if rices:
             cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
             demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
-        extra = {"progress": task if progress else False}
+        extra = {"progress": task if progress else False, "prompt_template": prompt_templates.get(task)}
         extra.update({} if task in CLASSIFICATION else {"num_beams": num_beams})
         results[task] = []
         for shot in shots:

@@ -17,7 +17,7 @@ import torch
 
 from flamingo_pytorch.evaluation import metrics
 from flamingo_pytorch.evaluation.demonstrations import RandomDemonstrations, batches, evaluation_order
-from flamingo_pytorch.evaluation.prompts import batch_prompts, effective_shots
+from flamingo_pytorch.evaluation.prompts import PromptTemplate, batch_prompts, effective_shots
 
 Demonstrations = Callable[[Sequence[dict], int], list[list[dict]]]  # (queries, shots) -> demos per query
 
@@ -45,9 +45,11 @@ def trial_batches(
     batch_size: int,
     demonstrations: Demonstrations | None,
     progress: bool | str,
+    prompt_template: PromptTemplate | None = None,
 ) -> Iterator[tuple[list[dict], list[str], list[list]]]:
     """(queries, prompts, images) batch by batch, the demonstrations drawn as OpenFlamingo draws them.
-    ``progress``: a tqdm bar (named by the string, if one is given)."""
+    ``progress``: a tqdm bar (named by the string, if one is given). ``prompt_template``: the prompt
+    format instead of OpenFlamingo's (``prompts.PromptTemplate``)."""
     order, numpy_rng = evaluation_order(len(test), num_samples, seed)
     if demonstrations is None:
         demonstrations = RandomDemonstrations(train, query_set_size, numpy_rng, seed)
@@ -60,7 +62,7 @@ def trial_batches(
         steps = tqdm(steps, desc=f"{name} {num_shots}-shot seed {seed}")
     for step in steps:
         queries = [test[i] for i in step]
-        texts, images = batch_prompts(task, demonstrations(queries, shots), queries, num_shots)
+        texts, images = batch_prompts(task, demonstrations(queries, shots), queries, num_shots, prompt_template)
         yield queries, texts, images
 
 
@@ -80,6 +82,7 @@ def evaluate_captioning(
     num_beams: int = 3,
     length_penalty: float = 0.0,
     progress: bool | str = False,
+    prompt_template: PromptTemplate | None = None,
 ) -> tuple[float, list[dict]]:
     """CIDEr x 100 of generated captions, and the predictions [{"image_id", "caption"}].
 
@@ -89,6 +92,7 @@ def evaluate_captioning(
     for queries, texts, images in trial_batches(
         "captioning", train, test, num_shots=num_shots, seed=seed, num_samples=num_samples,
         query_set_size=query_set_size, batch_size=batch_size, demonstrations=demonstrations, progress=progress,
+        prompt_template=prompt_template,
     ):  # fmt: skip
         outputs = model.generate(
             texts, images, max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty
@@ -117,6 +121,7 @@ def evaluate_vqa(
     num_beams: int = 3,
     length_penalty: float = 0.0,
     progress: bool | str = False,
+    prompt_template: PromptTemplate | None = None,
 ) -> tuple[float | None, list[dict]]:
     """VQA accuracy (percent) of generated short answers, and the predictions [{"answer", "question_id"}].
 
@@ -126,6 +131,7 @@ def evaluate_vqa(
     for queries, texts, images in trial_batches(
         "vqa", train, test, num_shots=num_shots, seed=seed, num_samples=num_samples,
         query_set_size=query_set_size, batch_size=batch_size, demonstrations=demonstrations, progress=progress,
+        prompt_template=prompt_template,
     ):  # fmt: skip
         outputs = model.generate(
             texts, images, max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty
@@ -150,6 +156,7 @@ def evaluate_classification(
     demonstrations: Demonstrations | None = None,
     hateful_memes: bool = False,
     progress: bool | str = False,
+    prompt_template: PromptTemplate | None = None,
 ) -> tuple[float, list[dict]]:
     """Rank classification over ``class_names``: top-1 accuracy, or for HatefulMemes the ROC AUC of
     the probability of "yes" (softmax over the classes' scores), and the predictions."""
@@ -158,6 +165,7 @@ def evaluate_classification(
     for queries, texts, images in trial_batches(
         task, train, test, num_shots=num_shots, seed=seed, num_samples=num_samples,
         query_set_size=query_set_size, batch_size=batch_size, demonstrations=demonstrations, progress=progress,
+        prompt_template=prompt_template,
     ):  # fmt: skip
         scores = model.class_log_likelihoods(texts, images, class_names)  # (b, C)
         best_score, best = torch.topk(scores, k=1, dim=1)  # (b, 1) each
