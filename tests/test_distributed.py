@@ -60,6 +60,7 @@ def wrap_before_freezing(model, tokenizer, data) -> str:
 def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    train_shapes.BATCH_SIZE = 4  # the demo's 32 sequences per step would only make the 2 ranks slower
     args = train_shapes.parse_args(["--device", "cpu", "--seed", "0"])
     runtime = train_shapes.start_runtime(args)  # joins the gloo process group
     try:

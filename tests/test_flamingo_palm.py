@@ -204,10 +204,15 @@ def test_encoder_outputs_are_read_as_flamingo_reads_them():
         model(text, pixels)
 
 
-def test_compiled_forward_matches_eager(tiny_model):
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)], ids=["traced", "inductor"]
+)
+def test_compiled_forward_matches_eager(tiny_model, backend):
+    """Traced by dynamo and AOTAutograd (the default suite), or also compiled by inductor (slow: about 15 s of
+    compilation on a CPU)."""
     open_gates(tiny_model)
     text, pixels = prompt(), images()
-    compiled = torch.compile(tiny_model)
+    compiled = torch.compile(tiny_model, backend=backend)
     assert_close(compiled(text, pixels), tiny_model(text, pixels), rtol=1e-4, atol=1e-4)
 
 
