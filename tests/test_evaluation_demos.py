@@ -135,3 +135,26 @@ def test_shapes_demo_through_the_command(shapes_files, tmp_path, monkeypatch):
         assert sorted(p["question_id"] for p in predictions) == list(range(8))
         vocabulary = set(make_tokenizer().words) - {"<pad>", "<image>", "."}
         assert all(set(p["answer"].split()) <= vocabulary for p in predictions)  # cut before the "."
+
+
+def test_digits_files_give_back_the_demos_images_and_format(tmp_path):
+    """The written digits come back exactly (17 grey levels stored as 15 k, read as / 240), and a
+    classification prompt in the demo's template tokenizes as the demo's episodes do."""
+    pytest.importorskip("sklearn")
+    import digits_eval_data
+    from digits_episodes import load_pools
+    from digits_episodes import make_tokenizer as digits_tokenizer
+
+    arguments = digits_eval_data.write_digits_classification(tmp_path, "novel", per_class=6)
+    train = datasets.read_image_list(arguments["imagenet_train_list"])[0]
+    pool = load_pools()["novel"]
+    first_seven = int(torch.nonzero(pool.labels == 7).flatten()[0])
+    image = digits_eval_data.digits_transform(datasets.load_image(train[0]["image"]))
+    assert train[0]["class_name"] == digits_eval_data.CLASS_NAMES[7] and torch.equal(image, pool.images[first_seven])
+    template = PromptTemplate(**digits_eval_data.TEMPLATES["imagenet"])
+    text, _ = build_prompt("classification", train[:2], train[2], num_shots=2, template=template)
+    words = digits_tokenizer()
+    ids = transformers_tokenizer(words.words)(text)["input_ids"]
+    name = digits_eval_data.CLASS_NAMES[7]
+    assert ids == words.encode(f"<image> {name} . <image> {name} . <image>")
+    assert 0.0 < digits_eval_data.coverage(arguments, shots=1, seed=0) < 1.0
