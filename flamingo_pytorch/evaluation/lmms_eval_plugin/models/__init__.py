@@ -1,0 +1,3 @@
+"""lmms-eval's plugin registry: model name -> class name in ``models/<name>.py``."""
+
+AVAILABLE_MODELS = {"flamingo": "FlamingoLMMs"}
