@@ -158,3 +158,21 @@ def test_digits_files_give_back_the_demos_images_and_format(tmp_path):
     name = digits_eval_data.CLASS_NAMES[7]
     assert ids == words.encode(f"<image> {name} . <image> {name} . <image>")
     assert 0.0 < digits_eval_data.coverage(arguments, shots=1, seed=0) < 1.0
+
+
+def test_class_balanced_demonstrations_hold_every_class_k_times():
+    from collections import Counter
+
+    from flamingo_pytorch.evaluation.demonstrations import ClassBalancedDemonstrations
+
+    train = [{"id": i, "class_name": name} for i, name in enumerate(["a"] * 5 + ["b"] * 3 + ["c"] * 4)]
+    draw = ClassBalancedDemonstrations(train, seed=0)
+    rows = draw([{}] * 20, 6)
+    assert all(Counter(item["class_name"] for item in row) == {"a": 2, "b": 2, "c": 2} for row in rows)
+    assert all(len({item["id"] for item in row}) == 6 for row in rows)  # without replacement
+    assert len({tuple(item["id"] for item in row) for row in rows}) > 1  # orders and picks vary
+    assert ClassBalancedDemonstrations(train, seed=0)([{}] * 20, 6) == rows  # the seed fixes them
+    with pytest.raises(ValueError, match="multiple of the 3 classes"):
+        draw([{}], 4)
+    with pytest.raises(ValueError, match="a class has 3"):
+        draw([{}], 12)

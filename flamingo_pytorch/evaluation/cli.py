@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--batch_size", type=int, default=8)
     parse.add_argument("--num_beams", type=int, default=3)
     parse.add_argument("--rices", action="store_true", help="demonstrations by RICES instead of at random")
+    parse.add_argument(
+        "--class_balanced", action="store_true", help="classification: K demonstrations per class (shots = K x classes)"
+    )
     parse.add_argument("--rices_cache_dir", help="where RICES keeps the training images' features")
     parse.add_argument("--device", default=None)
     parse.add_argument("--fixtures", help="write the generated fixture datasets here and evaluate on all of them")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_model(args), data, args.output_dir, shots=args.shots, seeds=args.trial_seeds,
         num_samples=args.num_samples, query_set_size=args.query_set_size, batch_size=args.batch_size,
         num_beams=args.num_beams, rices=args.rices, rices_cache_dir=args.rices_cache_dir,
-        prompt_templates=read_prompt_templates(args.prompt_templates),
+        prompt_templates=read_prompt_templates(args.prompt_templates), class_balanced=args.class_balanced,
     )  # fmt: skip
     print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
     print(json.dumps({"results": str(Path(args.output_dir) / "results.json")}))

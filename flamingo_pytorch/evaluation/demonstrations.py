@@ -12,6 +12,8 @@ private generators instead of the global ones:
 3. Python's ``random`` seeded with ``seed`` then draws each query's demonstrations with
    ``sample(query_set, shots)``, query after query, batch after batch.
 
+``ClassBalancedDemonstrations`` instead draws K examples of every class (N-way K-shot episodes).
+
 RICES (Yang et al., 2022) instead takes the training examples whose image features are most
 similar (cosine) to the query's, most similar last, as OpenFlamingo's ``rices.py`` orders them.
 """
@@ -64,6 +66,38 @@ class RandomDemonstrations:
         if shots > len(self.query_set):
             raise ValueError(f"{shots} demonstrations asked for but the query set holds {len(self.query_set)}")
         return [self.rng.sample(self.query_set, shots) for _ in queries]
+
+
+class ClassBalancedDemonstrations:
+    """N-way K-shot demonstrations for classification: K examples of each of the N classes, in
+    random order, so every query's class is in its prompt (as the Flamingo paper's few-shot
+    episodes, not OpenFlamingo's draws). ``shots`` counts all demonstrations: N x K.
+
+    Args:
+        train: the training examples (each with a ``class_name``).
+        seed: seeds Python's ``random`` for the draws, query after query.
+    """
+
+    def __init__(self, train: Sequence[dict], seed: int):
+        self.by_class: dict[str, list[dict]] = {}
+        for item in train:
+            self.by_class.setdefault(item["class_name"], []).append(item)
+        self.rng = random.Random(seed)
+
+    def __call__(self, queries: Sequence[dict], shots: int) -> list[list[dict]]:
+        ways = len(self.by_class)
+        if shots % ways:
+            raise ValueError(f"class-balanced shots must be a multiple of the {ways} classes, got {shots}")
+        per_class = shots // ways
+        fewest = min(len(items) for items in self.by_class.values())
+        if per_class > fewest:
+            raise ValueError(f"{per_class} demonstrations per class asked for but a class has {fewest}")
+        drawn = []
+        for _ in queries:
+            demos = [item for items in self.by_class.values() for item in self.rng.sample(items, per_class)]
+            self.rng.shuffle(demos)
+            drawn.append(demos)
+        return drawn
 
 
 FeatureFunction = Callable[[list], torch.Tensor]  # images (paths or PIL) -> (b, e) features

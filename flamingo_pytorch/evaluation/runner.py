@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flamingo_pytorch.evaluation import datasets, tasks
-from flamingo_pytorch.evaluation.demonstrations import RicesDemonstrations
+from flamingo_pytorch.evaluation.demonstrations import ClassBalancedDemonstrations, RicesDemonstrations
 from flamingo_pytorch.evaluation.prompts import PromptTemplate
 
 CAPTIONING, VQA = ("coco", "flickr30"), ("vqav2", "ok_vqa", "textvqa", "vizwiz")
@@ -112,10 +112,15 @@ def run(
     rices_cache_dir: str | None = None,
     progress: bool = True,
     prompt_templates: dict[str, PromptTemplate] | None = None,
+    class_balanced: bool = False,
 ) -> dict:
     """Evaluate ``model`` (an ``EvalModel``) on each task of ``data`` -> results (also written to disk).
 
-    ``prompt_templates``: task name -> a prompt format of one's own (default: OpenFlamingo's)."""
+    ``prompt_templates``: task name -> a prompt format of one's own (default: OpenFlamingo's).
+    ``class_balanced``: classification demonstrations K per class (``shots`` = K x classes), drawn
+    per trial seed, instead of at random."""
+    if class_balanced and rices:
+        raise ValueError("choose class_balanced or rices demonstrations, not both")
     prompt_templates = prompt_templates or {}
     unknown = sorted(set(prompt_templates) - set(TASKS))
     if unknown:
@@ -128,6 +133,8 @@ def run(
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose among {', '.join(TASKS)}")
         demonstrations = None
+        if class_balanced and task not in CLASSIFICATION:
+            raise ValueError(f"class_balanced demonstrations are for classification tasks, not {task!r}")
         if rices:
             cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
             demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
@@ -137,6 +144,8 @@ def run(
         for shot in shots:
             scores = []
             for seed in seeds:
+                if class_balanced:
+                    demonstrations = ClassBalancedDemonstrations(task_data.train, seed)
                 score, predictions = run_trial(
                     model, task, task_data, shot, seed, {**settings, **extra}, demonstrations
                 )
