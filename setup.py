@@ -8,7 +8,7 @@ EXTRAS = {
     "clip": ["open_clip_torch>=3"],
     "timm": ["timm>=1"],
     "examples": ["tqdm", "matplotlib", "safetensors", "scikit-learn"],
-    "eval": ["pycocoevalcap", "scikit-learn", "tqdm", "Pillow", "numpy"],
+    "eval": ["pycocoevalcap", "scikit-learn", "tqdm", "Pillow", "numpy", "lmms-eval>=0.7.3,<0.8", "filelock<4"],
     "data": ["webdataset", "Pillow", "numpy"],
     "peft": ["peft>=0.21"],
     "quant": ["torchao>=0.18"],  # int8 weight-only quantization of the frozen LM, CPU or GPU

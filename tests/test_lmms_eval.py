@@ -104,6 +104,8 @@ def test_place_images_gives_one_image_token_per_image_in_order():
         place_images("<image><image>", [a])
     with pytest.raises(ValueError, match="names images \\[3\\]"):
         place_images("<image 3>", [a, b])
+    with pytest.raises(ValueError, match="without images"):
+        place_images("text only", [])
 
 
 def test_generate_until_equals_eval_model(saved):

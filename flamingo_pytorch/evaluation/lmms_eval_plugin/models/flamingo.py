@@ -39,6 +39,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def place_images(context: str, visuals: Sequence) -> tuple[str, list]:
     """(context, visuals) -> (text with one ``<image>`` per image, the images in that order)."""
+    if not visuals:
+        raise ValueError("a request without images: the flamingo model answers requests with at least one image")
     numbered = [int(n) for n in NUMBERED_IMAGE.findall(context)]
     if numbered:
         if not all(1 <= n <= len(visuals) for n in numbered):
@@ -87,6 +89,7 @@ class FlamingoLMMs(lmms):
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the language model and encoder.
         batch_size: prompts per call (lmms-eval's ``--batch_size``).
         max_new_tokens: the default when a task's ``generation_kwargs`` name none.
+        trust_remote_code: passed to transformers when loading ``lm`` and ``tokenizer`` (e.g. MPT).
         model: an ``EvalModel`` to use instead of loading one (for use from Python).
     """
 
@@ -102,6 +105,7 @@ class FlamingoLMMs(lmms):
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         max_new_tokens: int = 128,
+        trust_remote_code: bool = False,
         model: EvalModel | None = None,
     ):
         super().__init__()
@@ -111,7 +115,8 @@ class FlamingoLMMs(lmms):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_eval_model(str(checkpoint), str(lm), vision, tokenizer, vision_pretrained, device, dtype)
+            sources = (str(checkpoint), str(lm), vision, tokenizer, vision_pretrained)
+            model = load_eval_model(*sources, device, dtype, trust_remote_code=bool(trust_remote_code))
         elif not isinstance(model, EvalModel):
             raise TypeError(f"model must be an EvalModel, got {type(model).__name__}")
         self.model = model
@@ -185,7 +190,7 @@ class FlamingoLMMs(lmms):
 
 def load_eval_model(
     checkpoint: str, lm: str, vision: str | None, tokenizer: str | None, vision_pretrained: str | None,
-    device: str, dtype: str,
+    device: str, dtype: str, *, trust_remote_code: bool = False,
 ) -> EvalModel:  # fmt: skip
     """The ``FlamingoLMMs`` arguments -> an ``EvalModel`` holding the loaded Flamingo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,8 +199,8 @@ def load_eval_model(
     from flamingo_pytorch.tokens import add_flamingo_tokens
 
     layout = saved_layout(checkpoint)
-    text = AutoTokenizer.from_pretrained(tokenizer or lm)
-    language_model = AutoModelForCausalLM.from_pretrained(lm, dtype=DTYPES[dtype])
+    text = AutoTokenizer.from_pretrained(tokenizer or lm, trust_remote_code=trust_remote_code)
+    language_model = AutoModelForCausalLM.from_pretrained(lm, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     encoder, transform = load_vision(vision, vision_pretrained) if vision is not None else (None, None)
     if encoder is None:
         raise ValueError("vision= is needed: the vision encoder the checkpoint was trained with")
