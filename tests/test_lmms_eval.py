@@ -4,8 +4,8 @@ A tiny random Flamingo (a 2-layer Llama and a 1-layer transformers CLIP vision t
 saved as a user would hold one: the language model and its tokenizer with ``save_pretrained``, the
 vision tower and its image processor likewise, and ``save_trained``'s file. The plugin loads it from
 those files; the reference is ``EvalModel`` over the model in memory. The quick tests call the
-plugin class in process; the slow one runs lmms-eval's own command on local task YAMLs (lmms-eval's
-import alone takes ~15 s on a 2-core CPU).
+plugin class in process; the slow ones load an OpenFlamingo checkpoint.pt with an open_clip tower,
+and run lmms-eval's own command on local task YAMLs (lmms-eval's import alone takes ~15 s on 2 cores).
 """
 
 import json
@@ -171,6 +171,71 @@ def test_loglikelihood_is_the_summed_log_probability(saved):
         assert abs(total - want_total) <= TOLERANCE * max(1.0, abs(want_total)), (continuation, total, want_total)
         assert greedy == want_greedy
     assert got[-1][1] and not all(greedy for _, greedy in got)
+
+
+def openflamingo_files(folder: Path, tokenizer) -> dict[str, str]:
+    """An OpenFlamingo checkpoint.pt (their classes, open gates), its Llama folder and a tiny open_clip
+    architecture registered from a JSON config with its weights in a local file."""
+    open_clip = pytest.importorskip("open_clip", reason="pip install -e '.[clip]'")
+    their = pytest.importorskip("open_flamingo.src.flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    lm = transformers.LlamaForCausalLM(config).eval()
+    tokenizer.save_pretrained(folder / "lm")
+    lm.save_pretrained(folder / "lm")
+    clip_config = {
+        "embed_dim": 8,
+        "vision_cfg": {"layers": 1, "width": 48, "head_width": 16, "image_size": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1},
+    }
+    (folder / "tiny-vit.json").write_text(json.dumps(clip_config))
+    open_clip.add_model_config(folder / "tiny-vit.json")
+    clip = open_clip.create_model("tiny-vit").eval()
+    torch.save(clip.state_dict(), folder / "clip.pt")
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.layers")
+    clip.visual.output_tokens = True
+    media, end_of_chunk = tokenizer.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
+    theirs = their.Flamingo(clip, lm, end_of_chunk, media, vis_dim=48, cross_attn_every_n_layers=1)
+    with torch.no_grad():
+        for block in lm.gated_cross_attn_layers:
+            block.attn_gate.uniform_(0.5, 1.0)
+            block.ff_gate.uniform_(0.5, 1.0)
+    torch.save(theirs.state_dict(), folder / "checkpoint.pt")
+    args = {"checkpoint": "checkpoint.pt", "lm": "lm", "vision_pretrained": "clip.pt"}
+    return {**{key: str(folder / value) for key, value in args.items()}, "vision": "open_clip:tiny-vit"}
+
+
+@pytest.mark.slow  # ~11 s on 2 cores, mostly importing open_flamingo and open_clip
+def test_an_openflamingo_checkpoint_answers_as_load_openflamingo(tmp_path):
+    """checkpoint.pt + open_clip: the plugin's answers are EvalModel's over load_openflamingo's model."""
+    from flamingo_pytorch.openflamingo import load_openflamingo
+
+    tokenizer = fixture_tokenizer()
+    args = openflamingo_files(tmp_path, tokenizer)
+    plugin = FlamingoLMMs(**args, device="cpu", batch_size=2)
+    import open_clip
+
+    clip, _, transform = open_clip.create_model_and_transforms("tiny-vit", pretrained=args["vision_pretrained"])
+    lm = transformers.AutoModelForCausalLM.from_pretrained(args["lm"])
+    model = load_openflamingo(args["checkpoint"], lm, media_token_id=2, vision_encoder=clip.visual)
+    reference = EvalModel(model, tokenizer, transform)
+    pictures = images(3, seed=4)
+    docs = [{"context": "Output:", "images": pictures[:1]}, {"context": "<image 2>or<image 1>", "images": pictures[1:]}]
+    plugin.task_dict = {"tiny": {"test": docs}}
+    got = plugin.generate_until(requests_for(docs, lambda doc: {"max_new_tokens": 4}))
+    texts, ordered = ["<image>Output:", "<image>or<image>"], [pictures[:1], [pictures[2], pictures[1]]]
+    assert got == reference.generate(texts, ordered, max_new_tokens=4, num_beams=1)
+    scored = plugin.loglikelihood(requests_for(docs, lambda doc: " red square"))
+    for (total, greedy), text, row in zip([unwrap_generation_output(x)[0] for x in scored], texts, ordered):
+        want_total, want_greedy = whole_forward_scores(reference, text, row, " red square")
+        assert abs(total - want_total) <= TOLERANCE * max(1.0, abs(want_total)) and greedy == want_greedy
 
 
 def write_tasks(folder: Path) -> None:
