@@ -3,6 +3,8 @@
     python examples/digits_eval_data.py --split novel --out out_digits/harness_novel   # writes the data
     DIGITS_CHECKPOINT=out_digits/few_shot_digits.safetensors python -m flamingo_pytorch.evaluate \\
         --model_script examples/digits_eval_data.py $(cat out_digits/harness_novel/arguments.txt) --shots 1 2 4
+    # the demo's N-way K-shot episodes: K per class, --shots K x N (3 ways: 3 6 12)
+    ... --class_balanced --shots 3 6 12
 
 The harness's classification reads JSON image lists (its ``--imagenet_*_list`` arguments, so the
 results are filed under "imagenet"). Each digit class gets one made-up name for the whole set
@@ -11,9 +13,10 @@ episodes' random ones), and the demo's format is the template: ``<image> dax . `
 demonstration, ``<image>`` for the query, the class names ranked by likelihood after it. The images
 are the demo's held-out ones: ``novel`` the digits 7, 8, 9 that no stage trained on, ``seen`` the
 test images of digits 0-4; each class's images alternate between the demonstrations' pool and the
-queries. The harness draws demonstrations at random from the pool (OpenFlamingo's protocol), not
-K per class, so a query's class is sometimes absent from its prompt: ``coverage`` measures how
-often it is present, the ceiling for a model that can only name what the prompt names.
+queries. By default the harness draws demonstrations at random from the pool (OpenFlamingo's
+protocol), not K per class, so a query's class is sometimes absent from its prompt: ``coverage``
+measures how often it is present, the ceiling for a model that can only name what the prompt
+names. ``--class_balanced`` draws the demo's N-way K-shot episodes instead.
 """
 
 from __future__ import annotations
