@@ -6,6 +6,10 @@ from ``load_openflamingo`` or ``load_trained``), a transformers tokenizer knowin
 ``<|endofchunk|>``, and a PIL -> tensor transform. ``--tiny`` instead builds a random tiny model,
 and ``--fixtures DIR`` writes the small generated datasets and evaluates on all of them: a trial
 of the whole pipeline in a minute on a CPU.
+
+Under ``torchrun --nproc_per_node=N -m flamingo_pytorch.evaluate ...`` the N processes share the
+work (``distributed``): each holds the model (on ``cuda:LOCAL_RANK`` on a GPU machine), rank 0
+writes the outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from flamingo_pytorch.evaluation import runner
+import torch
+
+from flamingo_pytorch.evaluation import distributed, runner
 from flamingo_pytorch.evaluation.datasets import VQA_SETS
 from flamingo_pytorch.evaluation.models import WITHHOLD, EvalModel
 from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, PromptTemplate
@@ -107,8 +113,9 @@ def load_model(args: argparse.Namespace) -> EvalModel:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         model, tokenizer, transform = module.load_model()
-    if args.device is not None:
-        model = model.to(args.device)
+    device = args.device or distributed.default_device()
+    if device is not None:
+        model = model.to(device)
     return EvalModel(model, tokenizer, transform, end_of_chunk=args.end_of_chunk, withhold_images=args.withhold_images)
 
 
@@ -121,11 +128,16 @@ def read_prompt_templates(path: str | None) -> dict[str, PromptTemplate] | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    rank, world = distributed.init_process_group()
     given = vars(args)
     if args.fixtures:
         from flamingo_pytorch.evaluation.fixtures import write_fixtures
 
-        given = {**given, **fixture_arguments(write_fixtures(args.fixtures))}
+        paths = [write_fixtures(args.fixtures) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(paths, src=0)  # the others wait for rank 0's files
+        given = {**given, **fixture_arguments(paths[0])}
     data = task_data(given)
     if not data:
         raise SystemExit("no task to evaluate: give a dataset's files (see --help) or --fixtures DIR")
@@ -135,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         num_beams=args.num_beams, rices=args.rices, rices_cache_dir=args.rices_cache_dir,
         prompt_templates=read_prompt_templates(args.prompt_templates), class_balanced=args.class_balanced,
     )  # fmt: skip
-    print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
-    print(json.dumps({"results": str(Path(args.output_dir) / "results.json")}))
+    if world > 1 and started:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
+        print(json.dumps({"results": str(Path(args.output_dir) / "results.json")}))
     return results

@@ -6,16 +6,22 @@ for each number of shots, one trial per seed; it writes under ``output_dir``:
     results.json                  {task: [{"shots", "trials", "mean", "stddev"}]} (OpenFlamingo's layout)
     results.md                    the same as a Markdown table (mean +- std over trials)
     predictions/<task>_<shots>shot_seed<seed>.json
-"""
+
+Under ``torch.distributed`` (``torchrun``), each rank runs the model on its share of every trial's
+batches, rank 0 gathers the outputs, scores and writes; results equal a single process's
+(``distributed``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flamingo_pytorch.evaluation import datasets, tasks
+import torch
+
+from flamingo_pytorch.evaluation import datasets, distributed, tasks
 from flamingo_pytorch.evaluation.demonstrations import ClassBalancedDemonstrations, RicesDemonstrations
 from flamingo_pytorch.evaluation.prompts import PromptTemplate
 
@@ -97,6 +103,13 @@ def run_trial(model, task: str, data: TaskData, shots: int, seed: int, settings:
     )
 
 
+def fresh_trial(model, *, task, data, shots, seed, settings, demonstrations, class_balanced):
+    """``run_trial``, class-balanced draws from a fresh generator (so a trial can run twice alike)."""
+    if class_balanced:
+        demonstrations = ClassBalancedDemonstrations(data.train, seed)
+    return run_trial(model, task, data, shots, seed, settings, demonstrations)
+
+
 def run(
     model,
     data: dict[str, TaskData],
@@ -118,7 +131,9 @@ def run(
 
     ``prompt_templates``: task name -> a prompt format of one's own (default: OpenFlamingo's).
     ``class_balanced``: classification demonstrations K per class (``shots`` = K x classes), drawn
-    per trial seed, instead of at random."""
+    per trial seed, instead of at random. Under an initialised ``torch.distributed`` process group,
+    call it on every rank: the ranks share each trial's batches and rank 0 alone scores, writes and
+    returns the results (the other ranks return ``{}``)."""
     if class_balanced and rices:
         raise ValueError("choose class_balanced or rices demonstrations, not both")
     prompt_templates = prompt_templates or {}
@@ -126,7 +141,9 @@ def run(
     if unknown:
         raise ValueError(f"prompt_templates has unknown tasks {unknown}: choose among {', '.join(TASKS)}")
     output_dir = Path(output_dir)
-    (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    rank, world = process_rank_and_world()
+    if rank == 0:
+        (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     results = {}
     settings = dict(num_samples=num_samples, query_set_size=query_set_size, batch_size=batch_size)
     for task, task_data in data.items():
@@ -138,24 +155,40 @@ def run(
         if rices:
             cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
             demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
-        extra = {"progress": task if progress else False, "prompt_template": prompt_templates.get(task)}
+        extra = {"progress": task if progress and rank == 0 else False, "prompt_template": prompt_templates.get(task)}
         extra.update({} if task in CLASSIFICATION else {"num_beams": num_beams})
         results[task] = []
         for shot in shots:
             scores = []
             for seed in seeds:
-                if class_balanced:
-                    demonstrations = ClassBalancedDemonstrations(task_data.train, seed)
-                score, predictions = run_trial(
-                    model, task, task_data, shot, seed, {**settings, **extra}, demonstrations
-                )
+                trial = functools.partial(
+                    fresh_trial, task=task, data=task_data, shots=shot, seed=seed, settings={**settings, **extra},
+                    demonstrations=demonstrations, class_balanced=class_balanced,
+                )  # fmt: skip
+                if world == 1:
+                    outcome = trial(model)
+                else:
+                    count = distributed.number_of_batches(len(task_data.test), num_samples, seed, batch_size)
+                    outcome = distributed.run_sharded(trial, model, rank, world, count)
+                if outcome is None:  # not rank 0: it scores and writes
+                    continue
+                score, predictions = outcome
                 scores.append(score)
                 path = output_dir / "predictions" / f"{task}_{shot}shot_seed{seed}.json"
                 path.write_text(json.dumps(predictions, indent=1), encoding="utf-8")
             results[task].append({"shots": shot, "trials": scores, **tasks.summary(scores)})
+    if rank != 0:
+        return {}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (output_dir / "results.md").write_text(markdown_table(results), encoding="utf-8")
     return results
+
+
+def process_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def markdown_table(results: dict) -> str:
