@@ -176,3 +176,12 @@ def test_class_balanced_demonstrations_hold_every_class_k_times():
         draw([{}], 4)
     with pytest.raises(ValueError, match="a class has 3"):
         draw([{}], 12)
+
+
+def test_run_refuses_templates_for_unknown_tasks_and_mixed_draws(tmp_path):
+    from flamingo_pytorch.evaluation import runner
+
+    with pytest.raises(ValueError, match="unknown tasks \\['shapes'\\]"):
+        runner.run(None, {}, tmp_path, prompt_templates={"shapes": SHAPES_TEMPLATE})
+    with pytest.raises(ValueError, match="class_balanced or rices"):
+        runner.run(None, {}, tmp_path, class_balanced=True, rices=True)

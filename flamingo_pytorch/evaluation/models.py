@@ -52,7 +52,7 @@ class EvalModel:
         withhold_images: a control that keeps the images from the model, the prompts unchanged:
             ``"blank"`` passes zero images (same shapes and ``time_mask``), ``"none"`` passes no
             images at all (the ``<image>`` tokens stay in the text; nothing is cross-attended).
-            None (default): the images are passed.
+            None (default): the images are passed. (RICES still reads them to pick demonstrations.)
     """
 
     def __init__(
