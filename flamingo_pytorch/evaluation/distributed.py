@@ -8,9 +8,9 @@ single process would, but runs the model only on its own batches (batch ``k`` on
 the same model outputs. The ranks' outputs are then gathered (``all_gather_object``) and rank 0
 replays the trial with them, which scores it with the unchanged single-process code.
 
-(OpenFlamingo's own multi-GPU evaluation gives each rank a ``DistributedSampler`` shard and draws
-each rank's demonstrations from the same seed, so its draws change with the number of GPUs; here
-they do not.)
+(OpenFlamingo's own multi-GPU evaluation gives each rank a ``DistributedSampler`` shard and seeds
+each rank's demonstration draws with ``seed + rank``, so its draws change with the number of GPUs;
+here they do not.)
 """
 
 from __future__ import annotations
