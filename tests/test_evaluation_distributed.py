@@ -87,13 +87,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, root: str) -> None:
+def worker(rank: int, world: int, port: int, root: str, extra: list[str]) -> None:
     from flamingo_pytorch.evaluation.cli import main
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    results = main([*ARGS, "--fixtures", f"{root}/data", "--output_dir", f"{root}/out_{world}"])
+    extra = [argument.replace("{world}", str(world)) for argument in extra]
+    results = main([*ARGS, *extra, "--fixtures", f"{root}/data", "--output_dir", f"{root}/out_{world}"])
     Path(root, f"returned_{world}_{rank}.json").write_text(json.dumps(results, indent=1))
 
 
@@ -102,15 +103,20 @@ def written(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_write_what_one_process_writes(tmp_path):
+@pytest.mark.parametrize("demonstrations", ["random", "rices"])
+def test_two_gloo_processes_write_what_one_process_writes(tmp_path, demonstrations):
+    """With RICES, both ranks share one feature cache: rank 0 writes it, rank 1 reads it."""
     pytest.importorskip("pycocoevalcap")
     pytest.importorskip("tqdm")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    mp.spawn(worker, args=(1, free_port(), str(tmp_path)), nprocs=1)
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    extra = ["--rices", "--rices_cache_dir", f"{tmp_path}/rices_{{world}}"] if demonstrations == "rices" else []
+    mp.spawn(worker, args=(1, free_port(), str(tmp_path), extra), nprocs=1)
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), extra), nprocs=2)
     single, split = written(tmp_path / "out_1"), written(tmp_path / "out_2")
     assert len(single) == 2 + 2 * 2 * len(runner.TASKS)  # results.json, results.md, shots x seeds x tasks
     assert split == single  # results.json, results.md and every prediction file, byte for byte
     assert Path(tmp_path, "returned_2_1.json").read_text() == "{}"  # rank 1 returns nothing
     assert Path(tmp_path, "returned_2_0.json").read_text() == single["results.json"]
+    if demonstrations == "rices":
+        assert len(list(Path(tmp_path, "rices_2").glob("*.pt"))) == len(runner.TASKS)

@@ -54,6 +54,17 @@ def number_of_batches(num_test: int, num_samples: int, seed: int, batch_size: in
     return math.ceil(len(evaluation_order(num_test, num_samples, seed)[0]) / batch_size)
 
 
+def rank_zero_first(build, rank: int, world: int, *, wait: bool = True):
+    """``build()`` on rank 0, then (``wait``) on the other ranks once rank 0 is done: what rank 0
+    writes (a RICES feature cache) is then read by the others instead of written by all at once."""
+    if world > 1 and wait and rank != 0:
+        torch.distributed.barrier()
+    built = build()
+    if world > 1 and wait and rank == 0:
+        torch.distributed.barrier()
+    return built
+
+
 class TrialDone(Exception):
     """Raised by ``ShardedModel`` after a trial's last batch: the rank's share is done, no scoring."""
 

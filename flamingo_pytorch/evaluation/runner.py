@@ -154,7 +154,8 @@ def run(
             raise ValueError(f"class_balanced demonstrations are for classification tasks, not {task!r}")
         if rices:
             cache = str(Path(rices_cache_dir, f"{task}.pt")) if rices_cache_dir else None
-            demonstrations = RicesDemonstrations(task_data.train, model.vision_features, batch_size, cache)
+            build = functools.partial(RicesDemonstrations, task_data.train, model.vision_features, batch_size, cache)
+            demonstrations = distributed.rank_zero_first(build, rank, world, wait=cache is not None)
         extra = {"progress": task if progress and rank == 0 else False, "prompt_template": prompt_templates.get(task)}
         extra.update({} if task in CLASSIFICATION else {"num_beams": num_beams})
         results[task] = []
