@@ -218,10 +218,12 @@ class Flamingo(nn.Module):
         return self
 
     def flamingo_parameters(self) -> Iterator[nn.Parameter]:
-        """What Flamingo trains: the resampler's and the gated blocks' parameters, and the added tokens' rows."""
+        """What Flamingo trains: the resampler's and the gated blocks' parameters, the added tokens' rows, and
+        any parameter of the frozen language model that trains again (LoRA adapters, ``add_lora``)."""
         yield from self.perceiver_resampler.parameters()
         yield from self.gated_cross_attn.parameters()
         yield from self.token_rows.parameters()
+        yield from (param for param in self.lm.parameters() if param.requires_grad)
 
     def trained_state_dict(self) -> dict[str, Tensor]:
         """What Flamingo trains, by parameter name (what ``save_trained`` writes; see ``trained_weights``)."""

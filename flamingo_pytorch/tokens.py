@@ -37,9 +37,10 @@ class TrainedTokenRows(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int]):
         super().__init__()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=embedding.weight.device)
-        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < embedding.weight.shape[0]):
-            raise ValueError(f"train_token_ids must lie in [0, {embedding.weight.shape[0]}), got {ids.tolist()}")
+        token_ids, vocab = [int(token) for token in token_ids], embedding.weight.shape[0]
+        if not all(0 <= token < vocab for token in token_ids):  # checked before any tensor: the LM may be on meta
+            raise ValueError(f"train_token_ids must lie in [0, {vocab}), got {token_ids}")
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=embedding.weight.device)
         self.register_buffer("token_ids", ids)
         self.weight = nn.Parameter(embedding.weight.detach()[ids].clone())  # (k, d)
 

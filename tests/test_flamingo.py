@@ -353,6 +353,16 @@ def test_token_ids_outside_the_vocabulary_and_wrapping_twice_raise():
             model.generate(ids, max_new_tokens=1)
 
 
+def test_a_language_model_on_the_meta_device_wraps_with_trained_token_rows():
+    """Counting a large model's parameters without memory: nothing reads a meta tensor's value."""
+    with torch.device("meta"):
+        model = Flamingo(llama(), media_token_id=MEDIA, train_token_ids=[MEDIA, 5])
+    assert model.token_rows.weight.is_meta and model.token_rows.token_ids.is_meta
+    assert all(param.is_meta for param in model.flamingo_parameters())
+    with torch.device("meta"), pytest.raises(ValueError, match=rf"train_token_ids must lie in \[0, {VOCAB}\)"):
+        Flamingo(llama(), media_token_id=MEDIA, train_token_ids=[VOCAB])
+
+
 def test_time_mask_of_0_1_integers_equals_a_bool_one_in_both_models(tiny_model):
     model, _ = build()
     open_gates(model, 0.8)
