@@ -1,4 +1,4 @@
-"""The model and prompts both sides of the OpenFlamingo generation benchmark build, in their own environments.
+"""The model and prompts both sides of the OpenFlamingo generation benchmark build, in one process.
 
 Imported by ``hf_generation.py`` (ours) and by ``openflamingo_generation.py`` (OpenFlamingo's, with
 transformers 4.33): only torch, transformers and open_clip, so that the two builds are the same
