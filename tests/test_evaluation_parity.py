@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -349,6 +350,43 @@ def test_hateful_memes_equals_openflamingos(their_evaluate, both, shots, seed):
     for ours, theirs in zip(our_model.outputs, their_model.outputs, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert len(predictions) == 8 and 0 < sum(p["gt_label"] == "yes" for p in predictions) < 8
+    assert abs(our_score - their_score) <= 1e-9
+
+
+@pytest.mark.parametrize(("shots", "seed", "samples"), [(2, 5, 4), pytest.param(3, 5, 8, marks=pytest.mark.slow)])
+def test_hateful_memes_prompt_ensembling_equals_openflamingos(their_evaluate, both, shots, seed, samples):
+    """``--classification_prompt_ensembling``: min(6, shots!) passes per batch (2 in the quick case,
+    6 in the slow one), each after shuffling every query's demonstrations again (in place, so the
+    shuffles accumulate). The same prompts pass for pass (so the shuffles
+    draw as OpenFlamingo's global ``random`` does), per-pass class scores within 1e-4 (as above),
+    the averaged probabilities within 1e-4 (a softmax probability moves at most 1/4 of the score
+    difference's error, itself within 2e-4), and the same ROC AUC."""
+    paths, their_model, our_model = both
+    args = args_for(paths, num_samples=samples)
+    their_score = their_evaluate.evaluate_classification(
+        args, their_model, seed=seed, num_shots=shots, dataset_name="hateful_memes", no_kv_caching=True,
+        use_prompt_ensembling=True,
+    )  # fmt: skip
+    data = hateful_memes_data(
+        paths["hateful_memes_train_jsonl"], paths["hateful_memes_test_jsonl"], paths["hateful_memes_image_dir"]
+    )
+    our_score, predictions = tasks.evaluate_classification(
+        our_model, data.train, data.test, data.class_names, num_shots=shots, seed=seed, num_samples=samples,
+        query_set_size=12, batch_size=3, hateful_memes=True, prompt_ensembling=True,
+    )  # fmt: skip
+    passes, calls = min(6, math.factorial(shots)), math.ceil(samples / 3) * min(6, math.factorial(shots))
+    assert len(our_model.calls) == calls  # batches of 3, each scored once per pass
+    assert_same_batches(their_model, our_model)
+    first_query_orders = {tuple(images[0]) for _, images in our_model.calls[:passes]}
+    assert len(first_query_orders) > 1  # the passes do shuffle the demonstrations
+    for ours, theirs in zip(our_model.outputs, their_model.outputs, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    outputs = their_model.outputs
+    averaged = [torch.stack(outputs[i : i + passes], dim=-1).mean(dim=-1) for i in range(0, calls, passes)]
+    probabilities = torch.softmax(torch.cat(averaged), dim=1).max(dim=1).values  # (samples,)
+    expected = torch.tensor([p["pred_score"] for p in predictions], dtype=probabilities.dtype)
+    torch.testing.assert_close(expected, probabilities, atol=1e-4, rtol=0)
+    assert 0 < sum(p["gt_label"] == "yes" for p in predictions) < samples
     assert abs(our_score - their_score) <= 1e-9
 
 

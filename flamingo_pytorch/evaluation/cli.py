@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument(
         "--class_balanced", action="store_true", help="classification: K demonstrations per class (shots = K x classes)"
     )
+    parse.add_argument(
+        "--classification_prompt_ensembling", action="store_true",
+        help="classification: average the class scores over min(6, shots!) shuffles of the demonstrations",
+    )  # fmt: skip
     parse.add_argument("--rices_cache_dir", help="where RICES keeps the training images' features")
     parse.add_argument("--device", default=None)
     parse.add_argument("--fixtures", help="write the generated fixture datasets here and evaluate on all of them")
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_samples=args.num_samples, query_set_size=args.query_set_size, batch_size=args.batch_size,
         num_beams=args.num_beams, rices=args.rices, rices_cache_dir=args.rices_cache_dir,
         prompt_templates=read_prompt_templates(args.prompt_templates), class_balanced=args.class_balanced,
+        prompt_ensembling=args.classification_prompt_ensembling,
     )  # fmt: skip
     if world > 1 and started:
         torch.distributed.destroy_process_group()

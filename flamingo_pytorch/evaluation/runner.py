@@ -126,14 +126,17 @@ def run(
     progress: bool = True,
     prompt_templates: dict[str, PromptTemplate] | None = None,
     class_balanced: bool = False,
+    prompt_ensembling: bool = False,
 ) -> dict:
     """Evaluate ``model`` (an ``EvalModel``) on each task of ``data`` -> results (also written to disk).
 
     ``prompt_templates``: task name -> a prompt format of one's own (default: OpenFlamingo's).
     ``class_balanced``: classification demonstrations K per class (``shots`` = K x classes), drawn
-    per trial seed, instead of at random. Under an initialised ``torch.distributed`` process group,
-    call it on every rank: the ranks share each trial's batches and rank 0 alone scores, writes and
-    returns the results (the other ranks return ``{}``)."""
+    per trial seed, instead of at random. ``prompt_ensembling``: classification scores averaged over
+    ``min(6, shots!)`` shuffles of each query's demonstrations (``tasks.evaluate_classification``).
+    Under an initialised ``torch.distributed`` process group, call it on every rank: the ranks share
+    each trial's batches and rank 0 alone scores, writes and returns the results (the other ranks
+    return ``{}``)."""
     if class_balanced and rices:
         raise ValueError("choose class_balanced or rices demonstrations, not both")
     prompt_templates = prompt_templates or {}
@@ -157,7 +160,7 @@ def run(
             build = functools.partial(RicesDemonstrations, task_data.train, model.vision_features, batch_size, cache)
             demonstrations = distributed.rank_zero_first(build, rank, world, wait=cache is not None)
         extra = {"progress": task if progress and rank == 0 else False, "prompt_template": prompt_templates.get(task)}
-        extra.update({} if task in CLASSIFICATION else {"num_beams": num_beams})
+        extra.update({"prompt_ensembling": prompt_ensembling} if task in CLASSIFICATION else {"num_beams": num_beams})
         results[task] = []
         for shot in shots:
             scores = []
@@ -170,6 +173,7 @@ def run(
                     outcome = trial(model)
                 else:
                     count = distributed.number_of_batches(len(task_data.test), num_samples, seed, batch_size)
+                    count *= tasks.permutations(shot, extra.get("prompt_ensembling", False))  # model calls
                     outcome = distributed.run_sharded(trial, model, rank, world, count)
                 if outcome is None:  # not rank 0: it scores and writes
                     continue

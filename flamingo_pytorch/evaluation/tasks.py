@@ -5,11 +5,19 @@ Each ``evaluate_*`` runs one trial (one number of shots, one seed) over a test s
 examples (``demonstrations.evaluation_order``), then batch by batch draw each query's
 demonstrations (at random, or by RICES), build the prompts (``prompts.batch_prompts``), ask the
 model, and post-process its answers as OpenFlamingo does.
+
+Prompt ensembling (classification, OpenFlamingo's ``--classification_prompt_ensembling``): each
+batch is scored ``min(6, shots!)`` times, each pass after shuffling every query's demonstrations
+again (in place, so the shuffles accumulate), and the class scores are averaged over the passes.
+The shuffles continue the Python generator that drew the demonstrations at random (query after
+query, pass after pass, as OpenFlamingo's global ``random`` runs), or a ``random.Random(seed)``
+of their own when the demonstrations come without one (RICES).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -50,10 +58,42 @@ def trial_batches(
     """(queries, prompts, images) batch by batch, the demonstrations drawn as OpenFlamingo draws them.
     ``progress``: a tqdm bar (named by the string, if one is given). ``prompt_template``: the prompt
     format instead of OpenFlamingo's (``prompts.PromptTemplate``)."""
+    for queries, passes in trial_passes(
+        task, train, test, num_shots=num_shots, seed=seed, num_samples=num_samples, query_set_size=query_set_size,
+        batch_size=batch_size, demonstrations=demonstrations, progress=progress, prompt_template=prompt_template,
+    ):  # fmt: skip
+        yield queries, *passes[0]
+
+
+def permutations(num_shots: int, prompt_ensembling: bool) -> int:
+    """How many times each batch is scored: ``min(6, shots!)`` with prompt ensembling, else once."""
+    return min(6, math.factorial(effective_shots(num_shots))) if prompt_ensembling else 1
+
+
+def trial_passes(
+    task: str,
+    train: Sequence[dict],
+    test: Sequence[dict],
+    *,
+    num_shots: int,
+    seed: int,
+    num_samples: int,
+    query_set_size: int,
+    batch_size: int,
+    demonstrations: Demonstrations | None,
+    progress: bool | str,
+    prompt_template: PromptTemplate | None = None,
+    prompt_ensembling: bool = False,
+) -> Iterator[tuple[list[dict], list[tuple[list[str], list[list]]]]]:
+    """(queries, [(prompts, images) per pass]) batch by batch: ``trial_batches`` with, under
+    ``prompt_ensembling``, one pass per ``permutations`` with every query's demonstrations shuffled
+    again before each (see the module's docstring for the generator)."""
     order, numpy_rng = evaluation_order(len(test), num_samples, seed)
     if demonstrations is None:
         demonstrations = RandomDemonstrations(train, query_set_size, numpy_rng, seed)
-    shots = effective_shots(num_shots)
+    rng = getattr(demonstrations, "rng", None)
+    shuffles = rng if isinstance(rng, random.Random) else random.Random(seed)
+    shots, count = effective_shots(num_shots), permutations(num_shots, prompt_ensembling)
     steps = list(batches(order, batch_size))
     if progress:
         from tqdm import tqdm  # the `eval` extra
@@ -62,8 +102,13 @@ def trial_batches(
         steps = tqdm(steps, desc=f"{name} {num_shots}-shot seed {seed}")
     for step in steps:
         queries = [test[i] for i in step]
-        texts, images = batch_prompts(task, demonstrations(queries, shots), queries, num_shots, prompt_template)
-        yield queries, texts, images
+        drawn, passes = demonstrations(queries, shots), []
+        for _ in range(count):
+            if prompt_ensembling:
+                for demos in drawn:
+                    shuffles.shuffle(demos)  # in place: each pass shuffles the previous pass's order
+            passes.append(batch_prompts(task, drawn, queries, num_shots, prompt_template))
+        yield queries, passes
 
 
 def evaluate_captioning(
@@ -157,17 +202,22 @@ def evaluate_classification(
     hateful_memes: bool = False,
     progress: bool | str = False,
     prompt_template: PromptTemplate | None = None,
+    prompt_ensembling: bool = False,
 ) -> tuple[float, list[dict]]:
     """Rank classification over ``class_names``: top-1 accuracy, or for HatefulMemes the ROC AUC of
-    the probability of "yes" (softmax over the classes' scores), and the predictions."""
+    the probability of "yes" (softmax over the classes' scores), and the predictions.
+
+    ``prompt_ensembling``: score each batch ``min(6, shots!)`` times with the demonstrations
+    shuffled before each pass and average the class scores (OpenFlamingo's option)."""
     task = "hateful_memes" if hateful_memes else "classification"
     predictions = []
-    for queries, texts, images in trial_batches(
+    for queries, passes in trial_passes(
         task, train, test, num_shots=num_shots, seed=seed, num_samples=num_samples,
         query_set_size=query_set_size, batch_size=batch_size, demonstrations=demonstrations, progress=progress,
-        prompt_template=prompt_template,
+        prompt_template=prompt_template, prompt_ensembling=prompt_ensembling,
     ):  # fmt: skip
-        scores = model.class_log_likelihoods(texts, images, class_names)  # (b, C)
+        runs = [model.class_log_likelihoods(texts, images, class_names) for texts, images in passes]  # (b, C) each
+        scores = torch.mean(torch.stack(runs, dim=-1), dim=-1)  # (b, C, passes) -> (b, C), as OpenFlamingo
         best_score, best = torch.topk(scores, k=1, dim=1)  # (b, 1) each
         probability = torch.exp(best_score[:, 0] - torch.logsumexp(scores, dim=1))  # (b,)
         for query, index, p in zip(queries, best[:, 0].tolist(), probability.tolist()):
