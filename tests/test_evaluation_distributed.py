@@ -42,9 +42,9 @@ class PromptHashModel:
         return torch.sin(codes[:, None] + torch.arange(len(class_names)))  # (b, C)
 
 
-def sharded_trial(trial, world: int) -> tuple[tuple, list[int]]:
+def sharded_trial(trial, world: int, calls: int) -> tuple[tuple, list[int]]:
     """``distributed.run_sharded`` with the gather done in memory: (rank 0's outcome, prompts per rank)."""
-    ranks = [distributed.ShardedModel(PromptHashModel(), rank, world, num_batches=3) for rank in range(world)]
+    ranks = [distributed.ShardedModel(PromptHashModel(), rank, world, num_batches=calls) for rank in range(world)]
     for sharded in ranks:
         with pytest.raises(distributed.TrialDone):
             trial(sharded)
@@ -52,8 +52,10 @@ def sharded_trial(trial, world: int) -> tuple[tuple, list[int]]:
     return trial(distributed.ReplayModel(PromptHashModel(), merged)), [sharded.model.asked for sharded in ranks]
 
 
-@pytest.mark.parametrize("task", ["vqav2", "hateful_memes"])
-def test_a_trial_split_over_ranks_equals_the_single_process_trial(tmp_path, task):
+@pytest.mark.parametrize(("task", "ensembling"), [("vqav2", False), ("hateful_memes", False), ("hateful_memes", True)])
+def test_a_trial_split_over_ranks_equals_the_single_process_trial(tmp_path, task, ensembling):
+    """With prompt ensembling (2 shots: 2 passes per batch, the demonstrations shuffled before each),
+    every rank draws every pass's shuffles, and the ranks share the 6 model calls."""
     if task == "vqav2":
         files = write_vqa_split(tmp_path, task, "train", 12, seed=2)
         files.update(write_vqa_split(tmp_path, task, "test", 6, seed=3))
@@ -63,16 +65,21 @@ def test_a_trial_split_over_ranks_equals_the_single_process_trial(tmp_path, task
         names = ("train_jsonl", "test_jsonl", "image_dir")
         data = runner.hateful_memes_data(*(files[f"hateful_memes_{name}"] for name in names))
     settings = dict(num_samples=5, query_set_size=8, batch_size=2, progress=False)
+    settings.update({"prompt_ensembling": True} if ensembling else {})
     trial = dict(task=task, data=data, shots=2, seed=7, settings=settings, demonstrations=None, class_balanced=False)
     assert distributed.number_of_batches(len(data.test), 5, 7, 2) == 3  # 5 examples, 2 at a time
+    calls = runner.model_calls(data, 2, 7, settings)
+    assert calls == (6 if ensembling else 3)
     expected = runner.fresh_trial(PromptHashModel(), **trial)
 
     def run(model):
         return runner.fresh_trial(model, **trial)
 
-    outcome, asked = sharded_trial(run, world=2)
+    outcome, asked = sharded_trial(run, world=2, calls=calls)
     assert outcome == expected  # same score, same predictions in the same order
-    assert asked == [3, 2]  # batches 0 and 2 (2 + 1 examples) on rank 0, batch 1 on rank 1
+    # once per batch: batches 0 and 2 (2 + 1 examples) on rank 0, batch 1 on rank 1; with 2 passes per
+    # batch the 6 calls (2, 2, 2, 2, 1, 1 examples) alternate between the ranks
+    assert asked == ([5, 5] if ensembling else [3, 2])
 
 
 def test_replaying_outputs_for_other_prompts_is_refused():
@@ -103,14 +110,16 @@ def written(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("demonstrations", ["random", "rices"])
+@pytest.mark.parametrize("demonstrations", ["random", "rices", "random-ensembling"])
 def test_two_gloo_processes_write_what_one_process_writes(tmp_path, demonstrations):
-    """With RICES, both ranks share one feature cache: rank 0 writes it, rank 1 reads it."""
+    """With RICES, both ranks share one feature cache: rank 0 writes it, rank 1 reads it. With
+    classification prompt ensembling, the ranks share every pass of every batch."""
     pytest.importorskip("pycocoevalcap")
     pytest.importorskip("tqdm")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     extra = ["--rices", "--rices_cache_dir", f"{tmp_path}/rices_{{world}}"] if demonstrations == "rices" else []
+    extra += ["--classification_prompt_ensembling"] if demonstrations == "random-ensembling" else []
     mp.spawn(worker, args=(1, free_port(), str(tmp_path), extra), nprocs=1)
     mp.spawn(worker, args=(2, free_port(), str(tmp_path), extra), nprocs=2)
     single, split = written(tmp_path / "out_1"), written(tmp_path / "out_2")

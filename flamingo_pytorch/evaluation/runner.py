@@ -110,6 +110,12 @@ def fresh_trial(model, *, task, data, shots, seed, settings, demonstrations, cla
     return run_trial(model, task, data, shots, seed, settings, demonstrations)
 
 
+def model_calls(data: TaskData, shots: int, seed: int, settings: dict) -> int:
+    """How many model calls a trial makes: one per batch, times the passes of prompt ensembling."""
+    count = distributed.number_of_batches(len(data.test), settings["num_samples"], seed, settings["batch_size"])
+    return count * tasks.permutations(shots, settings.get("prompt_ensembling", False))
+
+
 def run(
     model,
     data: dict[str, TaskData],
@@ -172,8 +178,7 @@ def run(
                 if world == 1:
                     outcome = trial(model)
                 else:
-                    count = distributed.number_of_batches(len(task_data.test), num_samples, seed, batch_size)
-                    count *= tasks.permutations(shot, extra.get("prompt_ensembling", False))  # model calls
+                    count = model_calls(task_data, shot, seed, {**settings, **extra})
                     outcome = distributed.run_sharded(trial, model, rank, world, count)
                 if outcome is None:  # not rank 0: it scores and writes
                     continue
