@@ -102,7 +102,7 @@ def trial_passes(
         steps = tqdm(steps, desc=f"{name} {num_shots}-shot seed {seed}")
     for step in steps:
         queries = [test[i] for i in step]
-        drawn, passes = demonstrations(queries, shots), []
+        drawn, passes = [list(demos) for demos in demonstrations(queries, shots)], []  # ours to shuffle
         for _ in range(count):
             if prompt_ensembling:
                 for demos in drawn:
