@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -82,6 +84,7 @@ def check_media_tokens(
     media_name: str = "images",
     earlier_tokens: Tensor | None = None,
     earlier_items: Tensor | None = None,
+    unread_items: str = "raise",
 ) -> None:
     """Each row's media tokens and real media items must match one to one.
 
@@ -99,6 +102,8 @@ def check_media_tokens(
         num_items: t, the media items per row passed with ``input_ids``.
         media_name: what the items are called in the error ("images", "videos").
         earlier_tokens, earlier_items: (b,) long, counts already held by a conversation's cache.
+        unread_items: "raise", or "warn" where a row with fewer media tokens than real items (items that
+            no token reads) only warns; more tokens than items always raise.
 
     Raises:
         ValueError: naming the first row that does not match, with both counts.
@@ -115,6 +120,15 @@ def check_media_tokens(
         unordered = (time_mask & ~time_mask.cummin(dim=-1).values).any(dim=-1)  # (b,) a real item after a padded one
     if earlier_tokens is not None:
         tokens, items = tokens + earlier_tokens, items + earlier_items
+    if unread_items == "warn" and bool((tokens < items).any()):
+        row = int((tokens < items).nonzero()[0, 0])
+        warnings.warn(
+            f"row {row} has {int(tokens[row])} <image> tokens (media_token_id={media_token_id}) but "
+            f"{int(items[row])} real {media_name}: the items after its last token are read by no token",
+            UserWarning,
+            stacklevel=2,
+        )
+        items = torch.minimum(items, tokens)
     wrong = (tokens != items) | unordered  # (b,)
     if not bool(wrong.any()):
         return

@@ -179,15 +179,20 @@ class FlamingoPaLM(nn.Module):
             (b, n, num_tokens) logits, or the scalar loss when ``labels`` are given.
 
         Raises:
-            ValueError: when media are given and a row's media tokens do not match its real media
-                items one to one (the k-th token reads the k-th item). Without media, media tokens
-                are ordinary tokens (text-only training).
+            ValueError: when media are given and a row holds more media tokens than real media items
+                (the k-th token reads the k-th item), or its padded items come before real ones. A row
+                with fewer tokens than items warns (UserWarning): the later items are read by no token.
+                Without media, media tokens are ordinary tokens (text-only training).
         """
         self.check_text(text)
         given = self.media_given(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
         if given is not None:  # (text alone, as in stage 1: media tokens are ordinary tokens)
             noun = "videos" if given[0] == "videos" else "images"
-            check_media_tokens(text, self.media_token_id, None, time_mask, given[1].shape[1], media_name=noun)
+            # Images that no token reads only warn here, so that the original README's call (random
+            # text beside two images) runs as written; generate, prefill and extend raise.
+            check_media_tokens(
+                text, self.media_token_id, None, time_mask, given[1].shape[1], media_name=noun, unread_items="warn"
+            )
         media = self.resample(given)
         if torch.is_grad_enabled():  # evaluation under no_grad leaves the training setup alone
             self.set_flamingo_mode(media is not None)

@@ -150,3 +150,27 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="the Flamingo example uses transformers (pip install -e '.[hf]')")
     monkeypatch.chdir(tmp_path)  # the save/load example writes into the working folder
     check_examples(run_readme(full_size=True), vocab=20000)
+
+
+def test_the_original_readme_training_call_runs(recwarn):
+    """The original (0.1.x) README trains FlamingoPaLM on random token ids beside two images per row and a
+    time_mask, without placing any media token: that call still runs (the images no token reads only
+    warn), with the gates closed giving the language model's logits."""
+    vit_pytorch = pytest.importorskip("vit_pytorch", reason="pip install -e '.[vit]'")
+    from vit_pytorch.extractor import Extractor
+
+    from flamingo_pytorch import FlamingoPaLM
+
+    vit = vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=1, heads=2, mlp_dim=128)
+    encoder = Extractor(vit, return_embeddings_only=True)
+    model = FlamingoPaLM(
+        num_tokens=SMALL_VOCAB, dim=64, depth=3, heads=2, dim_head=16, img_encoder=encoder,
+        media_token_id=3, cross_attn_every=3, perceiver_num_latents=8, perceiver_depth=2,
+    )  # fmt: skip
+    text = torch.randint(0, SMALL_VOCAB, (2, 64))
+    text[text == 3] = 4  # as the original README's text almost always is: no media token
+    palm_logits = model(text)
+    images, time_mask = torch.randn(2, 2, 3, 32, 32), torch.ones((2, 2)).bool()
+    flamingo_logits = model(text, images, time_mask=time_mask)
+    assert torch.equal(palm_logits, flamingo_logits)
+    assert any("read by no token" in str(warning.message) for warning in recwarn)
