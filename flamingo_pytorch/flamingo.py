@@ -198,6 +198,14 @@ class Flamingo(nn.Module):
         if self.vision_encoder is not None:
             self.vision_encoder.requires_grad_(False).eval()
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save`` of the whole model, ``copy.deepcopy``): the media counts belong to live caches."""
+        return {**self.__dict__, "cache_counts": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.cache_counts = weakref.WeakKeyDictionary()
+
     def media_width(self, media_dim: int | None, dim: int) -> int:
         """e: ``media_dim``, checked against the vision encoder's width where it can be read; by
         default that width, or the text width d."""

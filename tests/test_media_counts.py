@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 
 import pytest
 import torch
@@ -171,6 +172,18 @@ def test_continuing_a_cache_this_flamingo_did_not_fill_raises(flamingo):
         ((name, cache),) = continuing(flamingo, prompt).items()
         with pytest.raises(ValueError, match="not filled through this Flamingo"):
             flamingo(text[:, 6:], image_embeds=features, **{name: copy.deepcopy(cache)})
+
+
+def test_a_flamingo_pickles_and_its_copy_counts_caches_of_its_own(flamingo):
+    text, features = text_with_media([[1, 4], [1, 4]], length=7), embeds(2, 2)
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        prompt = flamingo(text[:, :6], image_embeds=features, use_cache=True)
+        torch.save(flamingo, buffer)
+        restored = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        assert torch.equal(restored(text, image_embeds=features).logits, flamingo(text, image_embeds=features).logits)
+        with pytest.raises(ValueError, match="not filled through this Flamingo"):
+            restored(text[:, 6:], image_embeds=features, **continuing(restored, prompt))
 
 
 # -- FlamingoPaLM ----------------------------------------------------------------------------------
