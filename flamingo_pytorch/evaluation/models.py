@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch.evaluation.datasets import load_image
 from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, IMAGE
+from flamingo_pytorch.flamingo import cache_of
 
 MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
 WITHHOLD = ("blank", "none")  # controls: zero images in place of the real ones, or no images at all
@@ -193,16 +194,14 @@ class EvalModel:
         images: Tensor,
         time_mask: Tensor,
         tokens: list[Tensor],
-        score: Callable[[Tensor, Tensor], Tensor] | None = None,
+        score: Callable[[Tensor, Tensor], Tensor],
     ) -> list[Tensor]:
-        score = mean_log_probability if score is None else score
         model, b = self.model, input_ids.shape[0]
         media = model.encode_media(input_ids, images, image_embeds=None, time_mask=time_mask)  # (b, t, m, e)
         scores = []
         with model.media(media, time_mask):
             prompt = model.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-            cache = getattr(prompt, "cache", None)  # (transformers 5 renamed past_key_values)
-            cache = prompt.past_key_values if cache is None else cache
+            cache = cache_of(prompt)
             last = prompt.logits[:, -1:]  # (b, 1, v)
             if not hasattr(cache, "crop"):  # a cache that cannot be cut back: the whole prompt per class
                 return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens, score)
@@ -245,9 +244,8 @@ class EvalModel:
         images: Tensor,
         time_mask: Tensor,
         tokens: list[Tensor],
-        score: Callable[[Tensor, Tensor], Tensor] | None = None,
+        score: Callable[[Tensor, Tensor], Tensor],
     ) -> list[Tensor]:
-        score = mean_log_probability if score is None else score
         state = self.model.prefill(input_ids, images, time_mask=time_mask, attention_mask=attention_mask)
         scores = []
         for name in tokens:
