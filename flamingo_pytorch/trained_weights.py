@@ -3,9 +3,9 @@
 The file holds "what trains", keyed by the model's parameter names (``named_parameters``):
 
 - ``model.flamingo_parameters()``: the Perceiver Resampler, the gated cross-attention blocks and, for
-  ``Flamingo``, the trained token rows (``FlamingoPaLM``'s PaLM is left out even while it is not frozen);
-- the parameters of the wrapped language model ``model.lm`` that require grad (LoRA adapters added
-  with peft, layers you unfroze);
+  ``Flamingo``, the trained token rows and the parameters of its language model that require grad
+  (LoRA adapters added with peft, layers you unfroze); ``FlamingoPaLM``'s PaLM is left out even
+  while it is not frozen;
 - the persistent buffers of the modules that own those parameters (``token_rows.token_ids``).
 
 Each tensor keeps the dtype it has in the model. The safetensors metadata records the layout the
@@ -36,10 +36,7 @@ FORMAT = "flamingo-pytorch trained weights 1"  # the metadata's "format"; files 
 
 def trained_tensors(model: nn.Module) -> dict[str, Tensor]:
     """What trains, by name: the parameters described in the module docstring and their modules' buffers."""
-    chosen = {id(param) for param in model.flamingo_parameters()}
-    lm = getattr(model, "lm", None)
-    if isinstance(lm, nn.Module):
-        chosen |= {id(param) for param in lm.parameters() if param.requires_grad}
+    chosen = {id(param) for param in model.flamingo_parameters()}  # Flamingo's include its LM's trained ones
     names = [name for name, param in model.named_parameters() if id(param) in chosen]
     buffers = {}
     for prefix in dict.fromkeys(name.rpartition(".")[0] for name in names):  # the modules that own them
