@@ -121,12 +121,17 @@ def read_image(data: str, index: int):
     if not isinstance(data, str):
         raise ChatError(f"image {index} must be a base64 string")
     data = data.split(",", 1)[1] if data.startswith("data:") else data
-    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise ChatError(f"image {index} is over {MAX_IMAGE_BYTES // 2**20} MB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    too_large = ChatError(
+        f"image {index} is over the limit of {byte_count(MAX_IMAGE_BYTES)}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    )
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:  # refused before decoding
+        raise too_large
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ChatError(f"image {index} is not valid base64") from None
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise too_large
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only: the size is known before decoding
         width, height = image.size
@@ -139,6 +144,10 @@ def read_image(data: str, index: int):
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
         raise ChatError(f"image {index} is not an image that can be read (PNG, JPEG, GIF, WebP, ...)") from None
+
+
+def byte_count(count: int) -> str:
+    return f"{count / 2**20:g} MB" if count >= 2**20 else f"{count} bytes"
 
 
 def read_turn(parts: object, image_token: str) -> tuple[str, list]:
@@ -304,7 +313,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def read_json(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
-            message = f"the message is over {MAX_BODY_BYTES // 2**20} MB"
+            message = f"the message is over the limit of {byte_count(MAX_BODY_BYTES)}"
             raise ChatError(message, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
             body = json.loads(self.rfile.read(length) or b"null")

@@ -1,0 +1,248 @@
+"""The chat demo's server (flamingo_pytorch/chat_server.py), in process over HTTP, on a tiny random shapes model.
+
+Its replies are the model's own: the tokens streamed for a turn equal greedy ``prefill`` +
+``generate_from`` (and ``extend`` for the next turn) on the same weights. Bad uploads, too many
+images and unknown words are 4xx JSON messages; turns never run on the model at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+pytest.importorskip("safetensors")
+
+from conftest import open_gates
+from PIL import Image
+
+from flamingo_pytorch import chat_server
+from flamingo_pytorch.chat_server import make_server, read_turn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from chat_demo import shapes_chat_model  # noqa: E402
+from shapes_dataset import make_labelled_images, make_tokenizer  # noqa: E402
+from shapes_encoder import ShapesEncoder  # noqa: E402
+from train_shapes import build_model, model_config, save_checkpoint  # noqa: E402
+
+MAX_NEW_TOKENS = 5
+
+
+def tiny_shapes_checkpoint(path: Path) -> Path:
+    """The demo's shapes FlamingoPaLM, random weights and open gates (so images matter), saved as train_shapes saves."""
+    torch.manual_seed(0)
+    config = model_config(make_tokenizer())
+    model = build_model(config, ShapesEncoder(dim=config["dim"]))
+    open_gates(model, 0.5)
+    save_checkpoint(path, model, config, {})
+    return path
+
+
+def png_base64(pixels: torch.Tensor) -> str:
+    """(3, H, W) floats in [0, 1] -> a PNG as base64."""
+    buffer = io.BytesIO()
+    Image.fromarray((pixels.permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_from_base64(data: str) -> torch.Tensor:
+    """What the model should see: the PNG decoded, (3, 32, 32) in [0, 1] (the images are already 32 x 32)."""
+    image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_shapes_checkpoint(tmp_path_factory.mktemp("chat") / "shapes.safetensors")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[str]:
+    pixels, _ = make_labelled_images(6, torch.Generator().manual_seed(1))
+    return [png_base64(image) for image in pixels]
+
+
+@pytest.fixture
+def served(checkpoint):
+    chat = shapes_chat_model(checkpoint, torch.device("cpu"))
+    server = make_server(chat, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield chat, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: dict) -> tuple[int, list[dict]]:
+    """POST JSON -> (status, the NDJSON lines or the one JSON object of an error)."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, [json.loads(line) for line in response if line.strip()]
+    except urllib.error.HTTPError as error:
+        return error.code, [json.loads(error.read())]
+
+
+def turn(url: str, session: str, image: str | None, text: str, **settings) -> tuple[int, list[dict]]:
+    parts = ([{"type": "image", "data": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    settings = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, **settings}
+    return post(url + "/api/chat", {"session": session, "parts": parts, "settings": settings})
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def greedy(chat, state) -> list[int]:
+    new = chat.model.generate_from(
+        state, max_new_tokens=MAX_NEW_TOKENS, temperature=0, eos_token_id=chat.eos_token_id, pad_token_id=0
+    )
+    return until_eos(new[0].tolist(), chat.eos_token_id)
+
+
+def streamed_tokens(lines: list[dict]) -> list[int]:
+    *steps, done = lines
+    assert done["done"] and [line["token"] for line in steps] == done["tokens"]
+    assert "".join(line["text"] for line in steps) == done["reply"]
+    return done["tokens"]
+
+
+def test_two_turns_stream_the_models_own_greedy_replies(served, images):
+    chat, url = served
+    status, first = turn(url, "a", images[0], "what color ?")
+    assert status == 200
+    status, second = turn(url, "a", images[1], "what shape ?")
+    assert status == 200
+
+    tokenizer = make_tokenizer()
+    state = chat.model.prefill(
+        torch.tensor([tokenizer.encode("<image> what color ?")]), image_from_base64(images[0])[None, None]
+    )
+    assert streamed_tokens(first) == greedy(chat, state)
+    chat.model.extend(
+        state, torch.tensor([tokenizer.encode("<image> what shape ?")]), image_from_base64(images[1])[None, None]
+    )
+    assert streamed_tokens(second) == greedy(chat, state)
+
+
+def test_the_image_changes_the_reply_logits(served, images):
+    """The open gates let the image through: two images give two different next-token distributions."""
+    chat, _ = served
+    text = torch.tensor([make_tokenizer().encode("<image> what color ?")])
+    logits = [chat.model.prefill(text, image_from_base64(image)[None, None]).logits for image in images[:2]]
+    assert not torch.allclose(*logits)
+
+
+def test_parts_keep_their_order():
+    prompt, pictures = read_turn(
+        [
+            {"type": "text", "text": "what"},
+            {"type": "image", "data": "data:image/png;base64," + png_base64(torch.zeros(3, 4, 4))},
+            {"type": "text", "text": "color ?"},
+        ],
+        "<image>",
+    )
+    assert prompt == "what <image> color ?" and len(pictures) == 1 and pictures[0].size == (4, 4)
+
+
+def error_of(result: tuple[int, list[dict]]) -> tuple[int, str]:
+    status, lines = result
+    (body,) = lines
+    assert "Traceback" not in body["error"]
+    return status, body["error"]
+
+
+def test_bad_uploads_are_refused_with_a_message(served, images, monkeypatch):
+    _, url = served
+    text_file = base64.b64encode(b"just some text, not a picture").decode()
+    assert error_of(turn(url, "b", text_file, "what color ?")) == (
+        400,
+        "image 1 is not an image that can be read (PNG, JPEG, GIF, WebP, ...)",
+    )
+    wide = png_base64(torch.zeros(3, 1, chat_server.MAX_IMAGE_SIDE + 1))
+    status, message = error_of(turn(url, "b", wide, "what color ?"))
+    assert status == 413 and message == "image 1 is 4097x1 pixels; the limit is 4096x4096"
+    status, message = error_of(turn(url, "b", images[0], "what colour ?"))
+    assert status == 400 and message == "text has words outside the vocabulary: ['colour']"
+    monkeypatch.setattr(chat_server, "MAX_IMAGE_BYTES", 100)
+    status, message = error_of(turn(url, "b", png_base64(torch.rand(3, 16, 16)), "what color ?"))
+    assert status == 413 and message == "image 1 is over the limit of 100 bytes"
+
+
+def test_too_many_images_are_refused_and_clear_starts_over(served, images):
+    chat, url = served
+    assert chat.max_images == 4
+    for image in images[:3]:
+        assert turn(url, "c", image, "what size ?")[0] == 200
+    two_images = [{"type": "image", "data": image} for image in images[3:5]]
+    status, message = error_of(post(url + "/api/chat", {"session": "c", "parts": two_images}))
+    assert status == 400
+    assert message.startswith("this model reads at most 4 images per conversation; it has 3 and this message adds 2")
+    assert post(url + "/api/clear", {"session": "c"}) == (200, [{"cleared": True}])
+    status, fresh = turn(url, "c", images[0], "what size ?")
+    status_again, again = turn(url, "d", images[0], "what size ?")  # a new session: the same first turn
+    assert status == status_again == 200 and streamed_tokens(fresh) == streamed_tokens(again)
+
+
+def test_turns_never_run_on_the_model_at_once(served, images):
+    chat, url = served
+    active, most = [0], [0]
+    count = threading.Lock()
+
+    def instrumented(method):
+        def call(*args, **kwargs):
+            with count:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            try:
+                time.sleep(0.05)  # widen the window in which an overlap would show
+                return method(*args, **kwargs)
+            finally:
+                with count:
+                    active[0] -= 1
+
+        return call
+
+    for name in ("prefill", "extend", "generate_from"):
+        setattr(chat.model, name, instrumented(getattr(chat.model, name)))
+    expected = streamed_tokens(turn(url, "solo", images[2], "what corner ?")[1])
+    results = [None] * 4
+
+    def ask(i: int) -> None:
+        results[i] = turn(url, f"concurrent-{i}", images[2], "what corner ?")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert all(status == 200 and streamed_tokens(lines) == expected for status, lines in results)
+
+
+def test_demo_without_a_checkpoint_says_how_to_make_one(tmp_path):
+    missing = tmp_path / "none.safetensors"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "chat_demo.py"), "--checkpoint", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"no checkpoint at {missing}" in result.stderr
+    assert "python examples/train_shapes.py" in result.stderr
+    assert "Traceback" not in result.stderr
