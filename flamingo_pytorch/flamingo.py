@@ -28,82 +28,21 @@ from contextlib import contextmanager, suppress
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_media_tokens, check_ndim, check_positive, check_time_mask
+from flamingo_pytorch import conversation
+from flamingo_pytorch._validation import check_count, check_media_tokens, check_ndim, check_positive, check_time_mask
+from flamingo_pytorch.conversation import LanguageModelConversation
 from flamingo_pytorch.fusion import FusionLayer, MediaState, compute_in, media_index, resampler_and_blocks
+from flamingo_pytorch.language_model import (
+    cache_of,
+    check_input_ids,
+    check_media_token_id,
+    decoder_width,
+    find_decoder_layers,
+    tokens_in_cache,
+)
+from flamingo_pytorch.sampling import SamplingSettings
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
-
-# Where decoder-only models keep their layer list (Llama, Qwen, Mistral: model.layers; OPT:
-# model.decoder.layers; GPT-2: transformer.h; MPT: transformer.blocks; GPT-NeoX: gpt_neox.layers).
-LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.blocks", "gpt_neox.layers")
-
-
-def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal language model, from the usual attribute paths."""
-    for path in LAYER_PATHS:
-        module = lm
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return module
-    raise ValueError(
-        f"cannot find the decoder layers of {type(lm).__name__} (looked for {', '.join(LAYER_PATHS)}): "
-        "pass them as layers=<the nn.ModuleList of decoder layers>"
-    )
-
-
-def cache_of(values: dict) -> object | None:
-    """The key/value cache in a language model call's keyword arguments or output, or None."""
-    for name in ("past_key_values", "cache"):  # the keyword transformers uses, before and since 5.x
-        cache = values.get(name) if isinstance(values, dict) else getattr(values, name, None)
-        if cache is not None:
-            return cache
-    return None
-
-
-def tokens_in_cache(lm_kwargs: dict) -> int:
-    """How many tokens the key/value cache passed to a language model call already holds (0: none)."""
-    cache = cache_of(lm_kwargs)
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    position = lm_kwargs.get("cache_position")
-    return int(position[0]) if position is not None and position.numel() else 0
-
-
-def decoder_width(lm: nn.Module) -> int:
-    """d, the width of the hidden states the decoder layers read and return (the gated blocks' width).
-
-    The config's ``hidden_size`` (of its text part, for a multimodal config) where there is one:
-    every transformers decoder names its layers' width so (GPT-2's ``n_embd`` and MPT's ``d_model``
-    are aliases), and it differs from the input embedding's width where the model projects its
-    embeddings first (OPT-350m: 512-wide embeddings, ``project_in`` to 1024-wide layers). Without a
-    config (a model of your own), the input embedding's width.
-    """
-    config = getattr(lm, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    width = getattr(config, "hidden_size", None)
-    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
-        return width
-    return lm.get_input_embeddings().embedding_dim
-
-
-def check_media_token_id(media_token_id: object, embedding: nn.Module) -> None:
-    """The media token must be a row of the input embedding (forgetting to add it and resize is common)."""
-    vocab = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
-    if isinstance(media_token_id, bool) or not isinstance(media_token_id, int) or not 0 <= media_token_id < vocab:
-        raise ValueError(
-            f"media_token_id must be a token id in [0, {vocab}) (the vocabulary size of lm.get_input_embeddings()), "
-            f"got {media_token_id!r}: add the token and resize the embeddings (add_flamingo_tokens(tokenizer, lm))"
-        )
-
-
-def check_input_ids(input_ids: object) -> None:
-    """Token ids must be an integer tensor (float ids would crash inside the embedding)."""
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
 
 
 class Flamingo(nn.Module):
@@ -324,12 +263,105 @@ class Flamingo(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, suppress_tokens=suppressed, **generate_kwargs
             )
 
+    # -- conversations: the same three calls as FlamingoPaLM's, one implementation (conversation.py) --
+
+    conversation_type = LanguageModelConversation
+
+    def prefill(
+        self,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 0,
+    ) -> LanguageModelConversation:
+        """Start a conversation: run its first turn once and keep the language model's cache.
+
+        Args:
+            input_ids: (b, n) token ids, left-padded where rows differ in length.
+            images, image_embeds, time_mask: the turn's media, as in ``forward``.
+            attention_mask: (b, n) bool, False on the left padding.
+            max_new_tokens: slots to reserve for replies (the conversation grows as needed).
+
+        Returns:
+            A ``LanguageModelConversation``; its ``logits`` (b, v) are each row's next-token logits.
+        """
+        conversation.check_text(input_ids, "input_ids")
+        check_count("max_new_tokens", max_new_tokens)
+        b, n = input_ids.shape
+        state = LanguageModelConversation(self, batch=b, capacity=n + max_new_tokens, device=input_ids.device)
+        return self.extend(
+            state, input_ids, images, image_embeds=image_embeds, time_mask=time_mask, attention_mask=attention_mask
+        )
+
+    def extend(
+        self,
+        state: LanguageModelConversation,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        time_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> LanguageModelConversation:
+        """Append a turn, input_ids (b, n) and the turn's new media items only, to ``state`` (in place).
+
+        Only the new images are encoded, resampled and projected by each gated block, and only the new
+        tokens run, continuing the language model's key/value cache; ``state.logits`` then equals, row
+        by row, a full ``forward`` over the whole conversation with that row's real media items in
+        order. Rules as in ``FlamingoPaLM.extend`` (docs/generation.md); a ValueError leaves the state as
+        it was.
+        """
+        media = dict(images=images, image_embeds=image_embeds, time_mask=time_mask)
+        with conversation.generation_mode(self):
+            return conversation.extend(self, state, input_ids, media, attention_mask)
+
+    def generate_from(
+        self,
+        state: LanguageModelConversation,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ) -> Tensor:
+        """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens), appended to it.
+
+        Arguments as in ``FlamingoPaLM.generate_from``: ``temperature=0`` is greedy; a row that emits
+        ``eos_token_id`` is finished, its later tokens are ``pad_token_id`` and stay out of the
+        conversation; ``streamer`` (e.g. transformers' ``TextIteratorStreamer``) gets the tokens as they come.
+        """
+        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
+        return conversation.generate_from(self, state, settings, streamer)
+
     @contextmanager
     def media(self, media: Tensor | None, time_mask: Tensor | None):
         """The fusion layers read ``media`` (b, t, m, e) inside; the state is cleared after, also on error."""
         self.state.clear()
         self.state.media = media
         self.state.time_mask = time_mask.bool() if time_mask is not None else None  # 0/1 integers allowed
+        try:
+            yield
+        finally:
+            self.state.clear()
+
+    @contextmanager
+    def reading_projected(
+        self, keys_values: list[tuple[Tensor, Tensor]] | None, time_mask: Tensor | None, counts: Tensor
+    ):
+        """The fusion layers read media keys and values already projected (``media_keys_values``, a
+        conversation's items), for a language model call whose rows held ``counts`` (b,) media tokens
+        before it; nothing to read when ``keys_values`` is None. The state is cleared after."""
+        self.state.clear()
+        if keys_values is not None:
+            self.state.projected = {id(block): pair for block, pair in zip(self.gated_cross_attn, keys_values)}
+            self.state.time_mask, self.state.counts = time_mask, counts
         try:
             yield
         finally:
@@ -360,12 +392,12 @@ class Flamingo(nn.Module):
             return
         counts = self.counts_before(input_ids, kwargs)
         if counts is None:
-            if self.state.media is not None:
+            if self.state.active:
                 raise ValueError("the media tokens before this call's key/value cache are unknown (see forward)")
             return
         index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
         self.counts_after_call = index[:, -1] if index.shape[1] else counts  # (b,)
-        if self.state.media is not None:
+        if self.state.active:
             self.state.start_forward(index)
             self.state.counts = self.counts_after_call
 
@@ -378,9 +410,15 @@ class Flamingo(nn.Module):
         self.counts_after_call = None
 
     def encode_media(
-        self, input_ids: Tensor, images: Tensor | None, image_embeds: Tensor | None, time_mask: Tensor | None
+        self,
+        input_ids: Tensor,
+        images: Tensor | None,
+        image_embeds: Tensor | None,
+        time_mask: Tensor | None,
+        time_offset: int = 0,
     ) -> Tensor | None:
-        """Check the media against the text and resample them -> (b, t, m, e), or None without media."""
+        """Check the media against the text and resample them -> (b, t, m, e), or None without media.
+        ``time_offset``: the items each row had before these (a conversation's earlier turns)."""
         if images is not None and image_embeds is not None:
             raise ValueError("pass images or image_embeds, not both")
         given = images if images is not None else image_embeds
@@ -411,7 +449,12 @@ class Flamingo(nn.Module):
         if not features.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {features.dtype}")
         with compute_in(dtype, features.device):
-            return self.perceiver_resampler(features.to(dtype))  # (b, t, m, e)
+            return self.perceiver_resampler(features.to(dtype), time_offset=time_offset)  # (b, t, m, e)
+
+    def media_keys_values(self, media: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Resampled media (b, t, m, e) -> each gated block's keys and values, (b, h, t, m, k) each."""
+        with compute_in(self.working_dtype, media.device):
+            return [block.attn.project_media(media) for block in self.gated_cross_attn]
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Run the frozen vision encoder on (b, t, c, H, W) -> (b, t, p, e)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch import generation
+from flamingo_pytorch import conversation, generation
 from flamingo_pytorch._validation import (
     check_count,
     check_media_tokens,
@@ -114,6 +114,8 @@ class FlamingoPaLM(nn.Module):
         if img_encoder is not None:
             img_encoder.requires_grad_(False)
             img_encoder.eval()
+
+    conversation_type = GenerationState  # what prefill returns and extend / generate_from continue
 
     def train(self, mode: bool = True) -> FlamingoPaLM:
         super().train(mode)
@@ -268,6 +270,10 @@ class FlamingoPaLM(nn.Module):
             raise ValueError("videos need a model built with max_video_frames")
         return name, media
 
+    def media_keys_values(self, media: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Resampled media (b, t, m, e) -> each gated block's keys and values, (b, h, t, m, k) each."""
+        return [block.attn.project_media(media) for block in self.gated_cross_attn]
+
     def encode_pixels(self, name: str, pixels: Tensor) -> Tensor:
         """Run the frozen img_encoder on (b, t, [f,] c, H, W) -> (b, t, [f,] p, e)."""
         if self.img_encoder is None:
@@ -357,7 +363,7 @@ class FlamingoPaLM(nn.Module):
         ``state.logits`` (b, num_tokens) holds the next-token logits.
         """
         media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
-        with generation.generation_mode(self):
+        with conversation.generation_mode(self):
             return generation.prefill(self, text, media, attention_mask, max_new_tokens)
 
     def extend(
@@ -392,8 +398,8 @@ class FlamingoPaLM(nn.Module):
             attention_mask: (b, n) bool, False on left padding.
         """
         media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
-        with generation.generation_mode(self):
-            return generation.extend(self, state, text, media, attention_mask)
+        with conversation.generation_mode(self):
+            return conversation.extend(self, state, text, media, attention_mask)
 
     def generate_from(
         self,
@@ -406,12 +412,14 @@ class FlamingoPaLM(nn.Module):
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
+        streamer=None,
     ) -> Tensor:
         """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens).
 
         The reply is appended to ``state`` so that ``extend`` can continue after it; tokens a row
         emits after ``eos_token_id`` are ``pad_token_id`` and are left out of the conversation.
-        Sampling arguments as in ``generate``.
+        Sampling arguments as in ``generate``. ``streamer`` (a transformers streamer, or any object
+        with ``put`` and ``end``) gets the conversation so far (b, j), then each new token (b,).
         """
         settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
-        return generation.generate_from(self, state, settings)
+        return conversation.generate_from(self, state, settings, streamer)

@@ -90,7 +90,8 @@ class MediaState:
         time_mask: (b, t) bool, False for padded items, or None.
         index: (b, n) long, the media index of each token of the current forward (set per call).
         counts: (b,) long, media tokens seen before the current forward (for cached decoding).
-        projected: per gated block, its keys and values of the media (b, h, t, m, k), made once.
+        projected: per gated block, its keys and values of the media (b, h, t, m, k), made once (or
+            given already projected, with ``media`` None: a conversation's items, see ``Flamingo.reading_projected``).
         layout: the current forward's ``immediate_layout``, made by the first block that reads it.
     """
 
@@ -105,6 +106,11 @@ class MediaState:
         self.media = self.time_mask = self.index = self.counts = self.layout = None
         self.projected = {}
 
+    @property
+    def active(self) -> bool:
+        """Whether the fusion layers read media now (False: they pass through)."""
+        return self.media is not None or bool(self.projected)
+
     def start_forward(self, index: Tensor) -> None:
         """A new forward of the language model, whose tokens have media index ``index`` (b, n)."""
         self.index, self.layout = index, None
@@ -113,6 +119,12 @@ class MediaState:
         """The block's media keys and values, projected on first use and repeated to ``rows`` rows
         (generation with beams or several sequences per prompt runs b * r rows)."""
         key = id(block)
+        if self.media is None:  # given already projected
+            if self.projected[key][0].shape[0] != rows:
+                raise ValueError(
+                    f"the text has {rows} rows but the projected media have {self.projected[key][0].shape[0]}"
+                )
+            return self.projected[key]
         if key not in self.projected or self.projected[key][0].shape[0] != rows:
             media, time_mask = self.media, self.time_mask
             if rows != media.shape[0]:
@@ -157,7 +169,7 @@ class FusionLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         state = self.state
-        if state.media is not None:
+        if state.active:
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = self.read_media(kwargs["hidden_states"])
             else:

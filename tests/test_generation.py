@@ -245,8 +245,8 @@ def test_eos_pads_the_row_and_stops_early(model, monkeypatch):
     for i in range(2):  # each row equals the row generated alone
         assert torch.equal(out[i], greedy(model, text[i : i + 1], steps=8, eos_token_id=eos, pad_token_id=1)[0])
     calls = []
-    forward_tokens = generation_module.forward_tokens
-    monkeypatch.setattr(generation_module, "forward_tokens", lambda *a: calls.append(a[2].shape) or forward_tokens(*a))
+    run = generation_module.GenerationState.run
+    monkeypatch.setattr(generation_module.GenerationState, "run", lambda *a: calls.append(a[2].shape) or run(*a))
     out = greedy(model, text[:1], steps=8, eos_token_id=eos, pad_token_id=1)
     assert len(calls) == 1 + (first - 4), "prefill, then one step per token before eos"
 
