@@ -13,7 +13,8 @@ EXTRAS = {
     "peft": ["peft>=0.21"],
     "quant": ["torchao>=0.18"],  # int8 weight-only quantization of the frozen LM, CPU or GPU
     "nf4": ["bitsandbytes>=0.46.1"],  # 4-bit NF4 loading through transformers (a GPU's)
-    "test": ["pytest", "ruff"],
+    "chat": ["Pillow", "safetensors"],  # examples/chat_demo.py: the web chat (standard-library server, no CDN)
+    "test": ["pytest", "ruff", "selenium"],  # selenium drives the system's chromium in tests/test_chat_browser.py
 }
 # Every extra but nf4 (bitsandbytes, for a GPU): what `.ci/run` and the README's test command install.
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "nf4" for dep in deps})

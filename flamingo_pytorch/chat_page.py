@@ -19,7 +19,8 @@ PAGE = r"""<!doctype html>
   header label { font-size: 13px; }
   input[type=number] { width: 60px; }
   #transcript { border: 1px solid #ccc; border-radius: 8px; min-height: 200px; padding: 10px; }
-  .message { margin: 6px 0; padding: 8px 10px; border-radius: 8px; max-width: 85%; white-space: pre-wrap; }
+  .message { margin: 6px 0; padding: 8px 10px; border-radius: 8px; width: fit-content; max-width: 85%;
+             white-space: pre-wrap; }
   .user { background: #e4efff; margin-left: auto; }
   .assistant { background: #f1f1f1; }
   .message img, #pending img { height: 64px; image-rendering: pixelated; vertical-align: middle;
