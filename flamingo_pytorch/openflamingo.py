@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flamingo_pytorch.flamingo import Flamingo, decoder_width
+from flamingo_pytorch.flamingo import Flamingo
 from flamingo_pytorch.fusion import resampler_and_blocks
+from flamingo_pytorch.language_model import decoder_width
 from flamingo_pytorch.vision import VisionEncoder
 
 END_OF_CHUNK_TOKEN, IMAGE_TOKEN = "<|endofchunk|>", "<image>"  # OpenFlamingo adds them in this order

@@ -38,8 +38,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from flamingo_pytorch.flamingo import Flamingo, find_decoder_layers
+from flamingo_pytorch.flamingo import Flamingo
 from flamingo_pytorch.flamingo_palm import FlamingoPaLM
+from flamingo_pytorch.language_model import find_decoder_layers
 
 
 def default_mesh(device: torch.device | str) -> DeviceMesh:

@@ -278,7 +278,7 @@ def test_save_and_load_only_what_trains(tmp_path):
 
 def test_opt_with_embeddings_narrower_than_its_layers():
     """OPT-350m's layout: 16-wide embeddings projected to 32-wide decoder layers; the blocks are 32 wide."""
-    from flamingo_pytorch.flamingo import decoder_width
+    from flamingo_pytorch.language_model import decoder_width
 
     torch.manual_seed(0)
     config = transformers.OPTConfig(

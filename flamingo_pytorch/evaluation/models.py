@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch.evaluation.datasets import load_image
 from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, IMAGE
-from flamingo_pytorch.flamingo import cache_of
+from flamingo_pytorch.language_model import cache_of
 
 MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
 WITHHOLD = ("blank", "none")  # controls: zero images in place of the real ones, or no images at all
