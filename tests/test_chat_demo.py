@@ -60,7 +60,7 @@ def png_base64(pixels: torch.Tensor) -> str:
 
 
 def image_from_base64(data: str) -> torch.Tensor:
-    """What the model should see: the PNG decoded, (3, 32, 32) in [0, 1] (the images are already 32 x 32)."""
+    """What the model should see: the PNG decoded, (3, H, W) in [0, 1] (the images are already the model's size)."""
     image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
 
@@ -246,3 +246,106 @@ def test_demo_without_a_checkpoint_says_how_to_make_one(tmp_path):
     assert f"no checkpoint at {missing}" in result.stderr
     assert "python examples/train_shapes.py" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the transformers paths of examples/chat_demo.py, on tiny local models --------------------------
+
+
+def served_turn(chat, parts: list[dict]) -> list[int]:
+    """One turn through the server -> the streamed tokens."""
+    server = make_server(chat, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/api/chat"
+        status, lines = post(url, {"session": "s", "parts": parts, "settings": {"max_new_tokens": MAX_NEW_TOKENS}})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200, lines
+    return streamed_tokens(lines)
+
+
+def test_a_save_trained_file_serves_the_models_own_replies(tmp_path):
+    """``--flamingo``: the file, loaded onto a fresh copy of the LM, answers as the model that wrote it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from chat_demo import saved_flamingo_chat
+    from conftest import tiny_image_encoder
+    from test_processor import tokenizer_and_lm
+
+    from flamingo_pytorch import Flamingo
+    from flamingo_pytorch.chat_server import pil_to_tensor
+    from flamingo_pytorch.tokens import add_flamingo_tokens
+
+    tokenizer, lm = tokenizer_and_lm()
+    ids = add_flamingo_tokens(tokenizer, lm)
+    encoder = tiny_image_encoder(32)
+    sizes = dict(
+        dim_head=8, heads=2, ff_mult=2, perceiver_depth=1, perceiver_num_latents=4, perceiver_num_time_embeds=3
+    )
+    model = Flamingo(lm, media_token_id=ids[0], vision_encoder=encoder, train_token_ids=ids, **sizes).eval()
+    open_gates(model, 0.5)
+    model.save_trained(str(tmp_path / "trained.safetensors"))
+
+    fresh_tokenizer, fresh_lm = tokenizer_and_lm()
+    transform = lambda image: pil_to_tensor(image, 8)  # noqa: E731
+    chat = saved_flamingo_chat(
+        tmp_path / "trained.safetensors", fresh_lm, fresh_tokenizer, encoder, transform, max_images=9
+    )
+    assert chat.max_images == 3  # the resampler's limit wins over the flag
+    image = png_base64(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2)))
+    tokens = served_turn(chat, [{"type": "image", "data": image}, {"type": "text", "text": "the cat"}])
+
+    text = torch.tensor([tokenizer("<image> the cat")["input_ids"]])
+    state = model.prefill(text, image_from_base64(image)[None, None])
+    new = model.generate_from(state, max_new_tokens=MAX_NEW_TOKENS, temperature=0, eos_token_id=ids[1])
+    assert tokens == until_eos(new[0].tolist(), ids[1])
+
+
+def test_an_openflamingo_checkpoint_serves_through_the_demos_arguments(tmp_path, monkeypatch):
+    """``--openflamingo``: a checkpoint written by OpenFlamingo's own classes, the downloads replaced by
+    tiny local models (as tests/test_openflamingo.py does), served from the demo's command line."""
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("open_flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
+    import chat_demo
+    from test_openflamingo import (
+        VISION_WIDTH,
+        FlamingoLMMixin,
+        TheirFlamingo,
+        extend_instance,
+        released,
+        stand_in_clip,
+        stand_in_lm,
+        stand_in_tokenizer,
+    )
+
+    lm, tokenizer, (clip, _, _) = stand_in_lm(), stand_in_tokenizer(), stand_in_clip("ViT-L-14", "openai")
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("transformer.blocks")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    lm.resize_token_embeddings(len(tokenizer))
+    clip.visual.output_tokens = True
+    ids = [tokenizer.encode(token)[-1] for token in ("<|endofchunk|>", "<image>")]
+    theirs = TheirFlamingo(clip, lm, *ids, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=1).eval()
+    with torch.no_grad():
+        for block in lm.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.7)
+            block.ff_gate.fill_(0.4)
+    torch.save(released(theirs), tmp_path / "checkpoint.pt")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", stand_in_clip)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: stand_in_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: stand_in_lm())
+    argv = ["--openflamingo", str(tmp_path / "checkpoint.pt"), "--lm", "mpt", "--clip", "ViT-L-14", "--device", "cpu"]
+    chat = chat_demo.build_chat_model(chat_demo.parse_args(argv))
+    assert (chat.max_images, chat.eos_token_id) == (5, ids[0])  # no media-time embeddings: --max-images
+    image = png_base64(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    tokens = served_turn(chat, [{"type": "image", "data": image}, {"type": "text", "text": "Output:"}])
+
+    text = torch.tensor([chat.prefix_ids + chat.encode("<image> Output:")])
+    state = chat.model.prefill(text, image_from_base64(image)[None, None])
+    new = chat.model.generate_from(state, max_new_tokens=MAX_NEW_TOKENS, temperature=0, eos_token_id=ids[0])
+    assert tokens == until_eos(new[0].tolist(), ids[0])
+    assert chat.encode("<image> Output:")[0] == ids[1]  # <image> is one token, the model's media token
