@@ -381,17 +381,44 @@ def check_cached_generation(model: Flamingo, text: Tensor, media: dict, steps: i
     )
     tokens, prompt_length = out.sequences, text.shape[1]
     assert tokens.shape == (text.shape[0], prompt_length + steps)
-    cached = torch.stack(out.logits, dim=1).float()  # (b, steps, V), before <image> is suppressed
+    check_steps_against_full_forward(model, torch.stack(out.logits, dim=1), tokens, prompt_length, media)
+
+
+def check_steps_against_full_forward(model: Flamingo, cached: Tensor, tokens: Tensor, start: int, media: dict) -> None:
+    """Cached decoding's logits (b, steps, V), from which tokens[:, start:] were chosen greedily, against one
+    full forward over ``tokens`` (b, start + steps): within ``logit_tolerance`` at every entry; the chosen
+    token is the full forward's argmax wherever that leads by more than twice the tolerance (at least once)."""
     with torch.no_grad():
-        full = model(tokens, **media).logits[:, prompt_length - 1 : -1].float()  # (b, steps, V)
+        full = model(tokens, **media).logits[:, start - 1 : -1].float()  # (b, steps, V)
     tolerance = logit_tolerance(full)
-    assert ((cached - full).abs() <= tolerance).all()
-    full[..., MEDIA] = float("-inf")  # generate never emits <image>
-    chosen, top2 = tokens[:, prompt_length:], full.topk(2, dim=-1).values
+    assert ((cached.float() - full).abs() <= tolerance).all()
+    full[..., MEDIA] = float("-inf")  # generation never emits <image>
+    chosen, top2 = tokens[:, start:], full.topk(2, dim=-1).values
     decisive = (top2[..., 0] - top2[..., 1]) > 2 * tolerance[..., 0]  # (b, steps)
     assert decisive.any()
     assert torch.equal(chosen[decisive], full.argmax(dim=-1)[decisive])
     assert (full.gather(-1, chosen[..., None]) >= top2[..., :1] - 2 * tolerance).all()  # near-ties: within reach
+
+
+def check_conversation(model: Flamingo, text: Tensor, media: dict, steps: int = 4) -> None:
+    """The same prompt as a two-turn conversation (``prefill``, ``extend``, ``generate_from``): the first
+    turn holds each row's first image; the second turn row 0's second image and row 1's padded item
+    slot. The logits each reply token is chosen from are checked like cached generation's."""
+    (name, given), time_mask = next((k, v) for k, v in media.items() if k != "time_mask"), media["time_mask"]
+    state = model.prefill(text[:, :5], **{name: given[:, :1]}, time_mask=time_mask[:, :1])
+    model.extend(state, text[:, 5:], **{name: given[:, 1:]}, time_mask=time_mask[:, 1:])
+    chosen_from = []
+
+    class Recorder:  # sees each token as it is streamed, before it is fed back
+        def put(self, value: Tensor) -> None:
+            chosen_from.append(state.logits.clone())
+
+        def end(self) -> None:
+            pass
+
+    reply = model.generate_from(state, max_new_tokens=steps, temperature=0, streamer=Recorder())
+    cached = torch.stack(chosen_from[1:], dim=1)  # (b, steps, V); the first put is the conversation so far
+    check_steps_against_full_forward(model, cached, torch.cat((text, reply), dim=1), text.shape[1], media)
 
 
 def check_flamingo(lm: nn.Module, media: dict, *, above_tolerance: bool = True, **kwargs) -> Flamingo:
@@ -411,6 +438,7 @@ def check_flamingo(lm: nn.Module, media: dict, *, above_tolerance: bool = True, 
     open_gates(model, 1.0)
     check_images_matter(model, text, media, above_tolerance=above_tolerance)
     check_cached_generation(model, text, media)
+    check_conversation(model, text, media)
     return model
 
 
@@ -444,7 +472,7 @@ def test_released_configs_keep_their_settings_in_transformers_5():
 def test_language_model_family(values):
     """A released LM's config (2 layers, random bf16 weights) under Flamingo, fed 1152-wide features
     (a SigLIP so400m's width): exact with the gates closed; with them open the images matter and
-    cached generation agrees with full forwards."""
+    cached generation and a two-turn conversation agree with full forwards."""
     media_dim = 1152
     embeds = torch.randn(2, 2, 16, media_dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     media = dict(image_embeds=embeds, time_mask=TIME_MASK)
