@@ -95,12 +95,17 @@ class Settings:
         if not isinstance(data, dict):
             raise ChatError("settings must be an object")
         settings = cls(**{key: data[key] for key in ("max_new_tokens", "temperature", "top_p") if key in data})
-        number = (int, float)
-        if not isinstance(settings.max_new_tokens, int) or not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS:
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        steps = settings.max_new_tokens
+        if not number(steps) or steps != int(steps) or not 1 <= steps <= MAX_NEW_TOKENS:
             raise ChatError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}")
-        if not isinstance(settings.temperature, number) or settings.temperature < 0:
+        settings.max_new_tokens = int(steps)
+        if not number(settings.temperature) or settings.temperature < 0:
             raise ChatError("temperature must be a number >= 0 (0 is greedy)")
-        if settings.top_p is not None and (not isinstance(settings.top_p, number) or not 0 < settings.top_p <= 1):
+        if settings.top_p is not None and (not number(settings.top_p) or not 0 < settings.top_p <= 1):
             raise ChatError("top-p must be a number in (0, 1]")
         return settings
 

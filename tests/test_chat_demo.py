@@ -42,11 +42,18 @@ from train_shapes import build_model, model_config, save_checkpoint  # noqa: E40
 MAX_NEW_TOKENS = 5
 
 
-def tiny_shapes_checkpoint(path: Path) -> Path:
-    """The demo's shapes FlamingoPaLM, random weights and open gates (so images matter), saved as train_shapes saves."""
+def tiny_shapes_checkpoint(path: Path, lm: str = "palm") -> Path:
+    """The demo's shapes model (``lm``: "palm" or "llama", as ``train_shapes.py --lm``), random weights and
+    open gates (so images matter), saved as train_shapes saves it."""
     torch.manual_seed(0)
     config = model_config(make_tokenizer())
-    model = build_model(config, ShapesEncoder(dim=config["dim"]))
+    if lm == "llama":
+        from shapes_hf import ShapesFlamingo, build_llama
+
+        config["lm"] = "llama"
+        model = ShapesFlamingo(build_llama(config), ShapesEncoder(dim=config["dim"]), config)
+    else:
+        model = build_model(config, ShapesEncoder(dim=config["dim"]))
     open_gates(model, 0.5)
     save_checkpoint(path, model, config, {})
     return path
@@ -183,6 +190,24 @@ def test_bad_uploads_are_refused_with_a_message(served, images, monkeypatch):
     assert status == 413 and message == "image 1 is over the limit of 100 bytes"
 
 
+def test_settings_are_checked_and_sampling_runs(served, images):
+    _, url = served
+    assert error_of(turn(url, "e", images[0], "what color ?", max_new_tokens=0)) == (
+        400,
+        "max new tokens must be a whole number from 1 to 512",
+    )
+    assert error_of(turn(url, "e", images[0], "what color ?", temperature=-1)) == (
+        400,
+        "temperature must be a number >= 0 (0 is greedy)",
+    )
+    assert error_of(turn(url, "e", images[0], "what color ?", temperature=0.7, top_p=1.5)) == (
+        400,
+        "top-p must be a number in (0, 1]",
+    )
+    status, lines = turn(url, "e", images[0], "what color ?", temperature=0.7, top_p=0.9)
+    assert status == 200 and 1 <= len(streamed_tokens(lines)) <= MAX_NEW_TOKENS
+
+
 def test_too_many_images_are_refused_and_clear_starts_over(served, images):
     chat, url = served
     assert chat.max_images == 4
@@ -263,6 +288,15 @@ def served_turn(chat, parts: list[dict]) -> list[int]:
         server.server_close()
     assert status == 200, lines
     return streamed_tokens(lines)
+
+
+def test_the_llama_variant_serves_its_own_greedy_reply(tmp_path, images):
+    """``train_shapes.py --lm llama``'s checkpoint: a Flamingo over a transformers Llama."""
+    pytest.importorskip("transformers")
+    chat = shapes_chat_model(tiny_shapes_checkpoint(tmp_path / "llama.safetensors", "llama"), torch.device("cpu"))
+    tokens = served_turn(chat, [{"type": "image", "data": images[0]}, {"type": "text", "text": "what shape ?"}])
+    text = torch.tensor([make_tokenizer().encode("<image> what shape ?")])
+    assert tokens == greedy(chat, chat.model.prefill(text, image_from_base64(images[0])[None, None]))
 
 
 def test_a_save_trained_file_serves_the_models_own_replies(tmp_path):
