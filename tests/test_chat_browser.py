@@ -162,3 +162,21 @@ def test_two_turns_and_a_bad_upload_in_the_browser(browser, demo_url, checkpoint
     assert error == "image 1 is not an image that can be read (PNG, JPEG, GIF, WebP, ...)"
     assert len(browser.find_elements(By.CSS_SELECTOR, ".assistant")) == 2  # the refused turn left no trace
     assert browser.save_screenshot(str(tmp_path / "chat_demo.png"))
+
+
+def test_text_placed_before_an_image_stays_before_it(browser, demo_url, tmp_path):
+    """ "Add text" then an image: the message is sent, and shown, in that order; Clear empties the page."""
+    (path,) = write_images(tmp_path)[:1]
+    wait = WebDriverWait(browser, 60)
+    browser.get(demo_url)
+    browser.find_element(By.ID, "text").send_keys("what color ?")
+    browser.find_element(By.ID, "pin").click()
+    ask(browser, wait, path, "")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]"))
+    order = browser.execute_script(
+        "return Array.from(document.querySelector('.user').childNodes, n => n.nodeName === 'IMG' ? 'image' : 'text')"
+    )
+    assert order == ["text", "image"]
+    assert browser.find_element(By.ID, "error").text == ""
+    browser.find_element(By.ID, "clear").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#transcript .message"))
