@@ -21,9 +21,8 @@ Media and the gated blocks' outputs come back in the hidden states' dtype.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -31,14 +30,12 @@ from torch import Tensor, nn
 from flamingo_pytorch import conversation
 from flamingo_pytorch._validation import check_count, check_media_tokens, check_ndim, check_positive, check_time_mask
 from flamingo_pytorch.conversation import LanguageModelConversation
-from flamingo_pytorch.fusion import FusionLayer, MediaState, compute_in, media_index, resampler_and_blocks
+from flamingo_pytorch.fusion import FusionLayer, MediaCounts, MediaState, compute_in, resampler_and_blocks
 from flamingo_pytorch.language_model import (
-    cache_of,
     check_input_ids,
     check_media_token_id,
     decoder_width,
     find_decoder_layers,
-    tokens_in_cache,
 )
 from flamingo_pytorch.sampling import SamplingSettings
 from flamingo_pytorch.tokens import TrainedTokenRows
@@ -124,26 +121,13 @@ class Flamingo(nn.Module):
         self.state = MediaState()
         for block, i in zip(self.gated_cross_attn, chosen):
             layers[i] = FusionLayer(layers[i], block, self.state)
-        # Each key/value cache the language model returns -> its rows' media tokens so far (b,), so that
-        # a later call continuing that cache, in another forward, counts on from there.
-        self.cache_counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.counts_after_call: Tensor | None = None
-        lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
-        lm.register_forward_hook(self.remember_counts, with_kwargs=True)
+        self.media_counts = MediaCounts(lm, media_token_id, self.state)  # hooks: each token's media index
         self.token_rows = TrainedTokenRows(embedding, train_token_ids).to(master_dtype)
         if train_token_ids:
             lm.get_input_embeddings().register_forward_hook(self.token_rows.replace_rows)
         lm.requires_grad_(False)
         if self.vision_encoder is not None:
             self.vision_encoder.requires_grad_(False).eval()
-
-    def __getstate__(self) -> dict:
-        """Pickling (``torch.save`` of the whole model, ``copy.deepcopy``): the media counts belong to live caches."""
-        return {**self.__dict__, "cache_counts": None}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.cache_counts = weakref.WeakKeyDictionary()
 
     def media_width(self, media_dim: int | None, dim: int) -> int:
         """e: ``media_dim``, checked against the vision encoder's width where it can be read; by
@@ -220,7 +204,7 @@ class Flamingo(nn.Module):
         check_input_ids(input_ids)
         media = self.encode_media(input_ids, images, image_embeds, time_mask)
         if media is not None:  # a call continuing a cache counts on from the media tokens already in it
-            earlier = self.counts_before(input_ids, lm_kwargs)
+            earlier = self.media_counts.before(input_ids, lm_kwargs)
             if earlier is None:
                 raise ValueError(
                     "this call continues a key/value cache that was not filled through this Flamingo, so the "
@@ -366,48 +350,6 @@ class Flamingo(nn.Module):
             yield
         finally:
             self.state.clear()
-
-    def counts_before(self, input_ids: Tensor, lm_kwargs: dict) -> Tensor | None:
-        """(b,) long: each row's media tokens before this call's ``input_ids``: none for a fresh call; for a
-        call continuing a key/value cache, those counted when the cache was filled (within one
-        ``generate``, or by an earlier call through this Flamingo); None where they are unknown."""
-        if tokens_in_cache(lm_kwargs) == 0:
-            return input_ids.new_zeros(input_ids.shape[0])
-        counts = self.state.counts
-        if counts is None:
-            try:
-                counts = self.cache_counts.get(cache_of(lm_kwargs))
-            except TypeError:  # a cache that cannot be weakly referenced (legacy tuples) is never remembered
-                counts = None
-        if counts is not None and counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since
-            counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
-        return counts
-
-    def index_tokens(self, lm: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the language model: each new token's media index, counting on from the
-        tokens already in the key/value cache when the call continues one."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.counts_after_call = None
-        if input_ids is None:
-            return
-        counts = self.counts_before(input_ids, kwargs)
-        if counts is None:
-            if self.state.active:
-                raise ValueError("the media tokens before this call's key/value cache are unknown (see forward)")
-            return
-        index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
-        self.counts_after_call = index[:, -1] if index.shape[1] else counts  # (b,)
-        if self.state.active:
-            self.state.start_forward(index)
-            self.state.counts = self.counts_after_call
-
-    def remember_counts(self, lm: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Forward hook on the language model: the cache it returns holds ``counts_after_call`` media tokens per row."""
-        cache = cache_of(output) if output is not None else None
-        if cache is not None and self.counts_after_call is not None:
-            with suppress(TypeError):  # not weakly referenceable: a later call cannot continue it with media
-                self.cache_counts[cache] = self.counts_after_call
-        self.counts_after_call = None
 
     def encode_media(
         self,

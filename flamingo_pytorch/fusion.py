@@ -19,7 +19,8 @@ exactly what it held before.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+import weakref
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from flamingo_pytorch import cross_attention
 from flamingo_pytorch.cross_attention import GatedCrossAttentionBlock
 from flamingo_pytorch.immediate_media import ImmediateLayout, immediate_layout
+from flamingo_pytorch.language_model import cache_of, tokens_in_cache
 from flamingo_pytorch.perceiver import PerceiverResampler
 
 
@@ -143,6 +145,78 @@ class MediaState:
         if self.layout is None and self.index is not None:
             self.layout = immediate_layout(self.index, self.time_mask, k)
         return self.layout
+
+
+class MediaCounts:
+    """Each row's media tokens so far, for language model calls that may continue a key/value cache.
+
+    Two hooks on the language model: before a call, each new token's media index (counting on from
+    the tokens already in the cache passed to it) goes to the ``MediaState``; after it, the cache the
+    call returns is remembered with its rows' counts (weakly: a dropped cache is forgotten), so that a
+    later call continuing that cache, in another forward, counts on from there. The remembered counts
+    belong to live caches and are left out when the model is pickled (``torch.save``, ``deepcopy``).
+
+    Args:
+        lm: the language model to hook.
+        media_token_id: the token that marks a media item.
+        state: the media state its fusion layers read.
+    """
+
+    def __init__(self, lm: nn.Module, media_token_id: int, state: MediaState):
+        self.media_token_id, self.state = media_token_id, state
+        self.cache_counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> (b,) long
+        self.after_call: Tensor | None = None
+        lm.register_forward_pre_hook(self.index_tokens, with_kwargs=True)
+        lm.register_forward_hook(self.remember, with_kwargs=True)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "cache_counts": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache_counts = weakref.WeakKeyDictionary()
+
+    def before(self, input_ids: Tensor, lm_kwargs: dict) -> Tensor | None:
+        """(b,) long: each row's media tokens before this call's ``input_ids``: none for a fresh call; for a
+        call continuing a key/value cache, those counted when the cache was filled (within one
+        ``generate`` or conversation turn, or by an earlier call through this model); None where unknown."""
+        if tokens_in_cache(lm_kwargs) == 0:
+            return input_ids.new_zeros(input_ids.shape[0])
+        counts = self.state.counts
+        if counts is None:
+            try:
+                counts = self.cache_counts.get(cache_of(lm_kwargs))
+            except TypeError:  # a cache that cannot be weakly referenced (legacy tuples) is never remembered
+                counts = None
+        if counts is not None and counts.shape[0] != input_ids.shape[0]:  # rows expanded (beams) since
+            counts = counts.repeat_interleave(input_ids.shape[0] // counts.shape[0])
+        return counts
+
+    def index_tokens(self, lm: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: each new token's media index, counting on from the tokens already in the
+        key/value cache when the call continues one."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.after_call = None
+        if input_ids is None:
+            return
+        counts = self.before(input_ids, kwargs)
+        if counts is None:
+            if self.state.active:
+                raise ValueError("the media tokens before this call's key/value cache are unknown (see forward)")
+            return
+        index = media_index(input_ids, self.media_token_id, kwargs.get("attention_mask"), counts)  # (b, n)
+        self.after_call = index[:, -1] if index.shape[1] else counts  # (b,)
+        if self.state.active:
+            self.state.start_forward(index)
+            self.state.counts = self.after_call
+
+    def remember(self, lm: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook: the cache the call returns holds ``after_call`` media tokens per row."""
+        cache = cache_of(output) if output is not None else None
+        if cache is not None and self.after_call is not None:
+            with suppress(TypeError):  # not weakly referenceable: a later call cannot continue it with media
+                self.cache_counts[cache] = self.after_call
+        self.after_call = None
 
 
 class FusionLayer(nn.Module):
