@@ -121,3 +121,40 @@ def test_flamingo_over_a_low_precision_lm_on_the_gpu_lives_and_runs_there(dtype)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.gated_cross_attn.parameters())
     tokens = model.eval().generate(text, image_embeds=embeds, max_new_tokens=3, do_sample=False)
     assert tokens.shape == (2, 11) and tokens.device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_conversation_over_a_bf16_lm_on_the_gpu_agrees_with_full_forwards():
+    """Two turns (the second with a new image) over a bf16 Llama on the GPU: everything stays there, and the
+    logits each greedy token is chosen from lie within 4 bf16 eps of the largest logit of a full forward
+    (the bound tests/test_families.py derives for two decoder layers and two gated blocks)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    lm = transformers.LlamaForCausalLM(config).eval().to("cuda", torch.bfloat16)
+    model = Flamingo(lm, media_token_id=MEDIA, dim_head=8, heads=4, perceiver_depth=1, perceiver_num_latents=4)
+    open_gates(model, 0.5)
+    first, second = torch.tensor([[MEDIA, 10, 11]], device="cuda"), torch.tensor([[MEDIA, 12]], device="cuda")
+    embeds = torch.randn(1, 2, 5, 32, device="cuda")
+    chosen_from = []
+
+    class Recorder:
+        def put(self, value):
+            chosen_from.append(state.logits.float())
+
+        def end(self):
+            pass
+
+    state = model.prefill(first, image_embeds=embeds[:, :1])
+    reply = model.generate_from(state, max_new_tokens=3, temperature=0)
+    model.extend(state, second, image_embeds=embeds[:, 1:])
+    assert state.logits.device.type == "cuda" and state.cache is not None
+    more = model.generate_from(state, max_new_tokens=3, temperature=0, streamer=Recorder())
+    tokens = torch.cat((first, reply, second, more), dim=1)
+    with torch.no_grad():
+        full = model(tokens, image_embeds=embeds).logits[0, -4:-1].float()  # (3, v): where `more` was chosen
+    cached = torch.cat(chosen_from[1:])  # (3, v)
+    bound = 4 * torch.finfo(torch.bfloat16).eps * full.abs().amax(dim=-1, keepdim=True)
+    assert ((cached - full).abs() <= bound).all()
