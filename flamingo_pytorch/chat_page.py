@@ -176,7 +176,7 @@ async function send() {
     await readLines(response, (line) => {
       if (line.error) { showError(line.error); }
       else if (line.done) { reply.textContent = line.reply; reply.dataset.done = "true"; }
-      else { reply.textContent += line.text; }
+      else { reply.textContent = line.reply; }
     });
   } catch (error) {
     showError("no answer from the server: " + error);

@@ -14,7 +14,7 @@ HTTP API (JSON in; errors are ``{"error": message}`` with a 4xx status, never a 
     GET  /api/info      {"max_images": ..., "image_token": ...}
     POST /api/chat      {"session": id, "parts": [{"type": "text", "text": ...} | {"type": "image",
                         "data": base64 or data URL}, ...], "settings": {"max_new_tokens", "temperature",
-                        "top_p"}} -> NDJSON lines {"token": id, "text": piece}, then
+                        "top_p"}} -> NDJSON lines {"token": id, "text": new text, "reply": so far}, then
                         {"done": true, "reply": text, "tokens": [ids]}
     POST /api/clear     {"session": id}: the session's conversation starts over
 """
@@ -177,9 +177,11 @@ def read_turn(parts: object, image_token: str) -> tuple[str, list]:
 
 class TokenStreamer:
     """transformers' streamer protocol: ``put`` gets the conversation so far, then each new token (b,);
-    ``end`` closes. Calls ``on_start()`` once, then ``on_token(id, text piece)`` per token up to end of reply."""
+    ``end`` closes. Calls ``on_start()`` once, then ``on_token(id, new text, reply so far)`` per token up to the
+    end of the reply. The new text is "" while a character is cut between byte-level tokens, or where
+    decoding the longer reply rewrote its earlier text (the reply so far is then the one to show)."""
 
-    def __init__(self, chat: ChatModel, on_start: Callable[[], None], on_token: Callable[[int, str], None]):
+    def __init__(self, chat: ChatModel, on_start: Callable[[], None], on_token: Callable[[int, str, str], None]):
         self.chat, self.on_start, self.on_token = chat, on_start, on_token
         self.started, self.finished = False, False
         self.ids: list[int] = []
@@ -196,9 +198,12 @@ class TokenStreamer:
         self.ids.append(token)
         self.finished = token == self.chat.eos_token_id
         text = self.chat.decode(self.ids)
-        piece = text[len(self.text) :] if text.startswith(self.text) else text
+        if text.endswith("\ufffd"):  # a character cut between byte-level tokens: wait for the rest of it
+            self.on_token(token, "", self.text)
+            return
+        piece = text[len(self.text) :] if text.startswith(self.text) else ""  # "": decoding rewrote earlier text
         self.text = text
-        self.on_token(token, piece)
+        self.on_token(token, piece, text)
 
     def end(self) -> None:
         self.finished = True
@@ -224,7 +229,7 @@ class ChatService:
         parts: object,
         settings: Settings,
         on_start: Callable[[], None] = lambda: None,
-        on_token: Callable[[int, str], None] = lambda token, text: None,
+        on_token: Callable[[int, str, str], None] = lambda token, text, reply: None,
     ) -> list[int]:
         """Add the user's turn to ``session``'s conversation and decode a reply -> its tokens (to eos).
 
@@ -339,8 +344,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.end_headers()
             sent.append(True)
 
-        def token(token_id: int, text: str) -> None:
-            self.write_line({"token": token_id, "text": text})
+        def token(token_id: int, text: str, reply: str) -> None:
+            self.write_line({"token": token_id, "text": text, "reply": reply})
 
         try:
             tokens = self.server.service.reply(session, body.get("parts"), settings, start, token)

@@ -124,7 +124,7 @@ def greedy(chat, state) -> list[int]:
 def streamed_tokens(lines: list[dict]) -> list[int]:
     *steps, done = lines
     assert done["done"] and [line["token"] for line in steps] == done["tokens"]
-    assert "".join(line["text"] for line in steps) == done["reply"]
+    assert "".join(line["text"] for line in steps) == done["reply"] == steps[-1]["reply"]
     return done["tokens"]
 
 
@@ -164,6 +164,25 @@ def test_parts_keep_their_order():
         "<image>",
     )
     assert prompt == "what <image> color ?" and len(pictures) == 1 and pictures[0].size == (4, 4)
+
+
+def test_the_streamer_waits_for_a_character_cut_between_tokens():
+    """Byte-level tokens: "é" is two tokens; nothing is shown until both have come."""
+    from flamingo_pytorch.chat_server import ChatModel, TokenStreamer
+
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    chat = ChatModel(None, None, decode, None, "<image>", eos_token_id=ord("."), max_images=None)
+    seen = []
+    streamer = TokenStreamer(chat, lambda: seen.append("start"), lambda *line: seen.append(line))
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the conversation so far
+    for token in [*b"caf", *"é".encode(), ord("."), ord("!")]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    pieces = [(text, reply) for _, text, reply in seen[1:]]
+    assert seen[0] == "start" and len(pieces) == 6  # nothing after the end of the reply (".")
+    assert pieces[3:] == [("", "caf"), ("é", "café"), (".", "café.")]
 
 
 def error_of(result: tuple[int, list[dict]]) -> tuple[int, str]:
