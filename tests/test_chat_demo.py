@@ -211,18 +211,13 @@ def test_bad_uploads_are_refused_with_a_message(served, images, monkeypatch):
 
 def test_settings_are_checked_and_sampling_runs(served, images):
     _, url = served
-    assert error_of(turn(url, "e", images[0], "what color ?", max_new_tokens=0)) == (
-        400,
-        "max new tokens must be a whole number from 1 to 512",
-    )
-    assert error_of(turn(url, "e", images[0], "what color ?", temperature=-1)) == (
-        400,
-        "temperature must be a number >= 0 (0 is greedy)",
-    )
-    assert error_of(turn(url, "e", images[0], "what color ?", temperature=0.7, top_p=1.5)) == (
-        400,
-        "top-p must be a number in (0, 1]",
-    )
+    refused = {
+        "max new tokens must be a whole number from 1 to 512": dict(max_new_tokens=0),
+        "temperature must be a number >= 0 (0 is greedy)": dict(temperature=-1),
+        "top-p must be a number in (0, 1]": dict(temperature=0.7, top_p=1.5),
+    }
+    for message, settings in refused.items():
+        assert error_of(turn(url, "e", images[0], "what color ?", **settings)) == (400, message)
     status, lines = turn(url, "e", images[0], "what color ?", temperature=0.7, top_p=0.9)
     assert status == 200 and 1 <= len(streamed_tokens(lines)) <= MAX_NEW_TOKENS
 
