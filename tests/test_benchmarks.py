@@ -55,3 +55,21 @@ def test_the_openflamingo_generation_benchmark_runs_both_in_one_process_and_comp
     assert [row["images"] for row in rows] == [8] and all(row["same_tokens"] == "3/3" for row in rows)
     assert all(row["openflamingo_speedup"] == row["openflamingo_s"] / row["once_s"] for row in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_the_conversation_benchmark_gives_all_three_routes_the_same_replies(tmp_path):
+    """conversation.py, tiny: each turn's reply from our conversation equals generating it from scratch over
+    the whole conversation so far, with our generate and with OpenFlamingo's, on the same weights."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("open_clip", reason="pip install -e '.[clip]'")
+    pytest.importorskip("open_flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
+    import conversation
+
+    out = tmp_path / "conversation.json"
+    sizes = ["--layers=1", "--dim=64", "--turns=3", "--turn=8", "--reply=3", "--reps=1", f"--out={out}"]
+    rows = conversation.main(sizes)
+    assert [row["images"] for row in rows] == [1, 2, 3] and all(row["same_replies"] for row in rows)
+    assert json.loads(out.read_text())["rows"] == rows
