@@ -18,7 +18,6 @@ about an image (at most 4 images per conversation). The server and the page are
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -131,7 +130,9 @@ def saved_flamingo_chat_model(args: argparse.Namespace) -> ChatModel:
 
     tokenizer = AutoTokenizer.from_pretrained(args.lm, trust_remote_code=args.trust_remote_code)
     lm = AutoModelForCausalLM.from_pretrained(args.lm, trust_remote_code=args.trust_remote_code)
-    encoder, transform = load_vision(args.encoder, args.clip_pretrained)
+    from flamingo_pytorch.vision import load_vision_encoder
+
+    encoder, transform = load_vision_encoder(args.encoder, args.clip_pretrained)
     chat = saved_flamingo_chat(args.flamingo, lm, tokenizer, encoder, transform, max_images=args.max_images)
     chat.model.to(args.device)
     chat.device = torch.device(args.device)
@@ -143,10 +144,12 @@ def saved_flamingo_chat(path: Path, lm, tokenizer, encoder, transform, *, max_im
 
     ``<image>`` and ``<|endofchunk|>`` are added to the tokenizer if it lacks them; replies end at ``<|endofchunk|>``.
     """
-    from flamingo_pytorch.flamingo import Flamingo
     from flamingo_pytorch.tokens import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, add_flamingo_tokens
+    from flamingo_pytorch.trained_weights import flamingo_from_layout, saved_layout
 
     layout = saved_layout(path)
+    if layout is None:
+        raise SystemExit(f"{path} was not written by save_trained (for OpenFlamingo's, use --openflamingo)")
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         add_flamingo_tokens(tokenizer, lm)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -154,51 +157,9 @@ def saved_flamingo_chat(path: Path, lm, tokenizer, encoder, transform, *, max_im
         raise SystemExit(
             f"{path} was trained with {IMAGE_TOKEN} = id {layout['media_token_id']}; the tokenizer has {image_id}"
         )
-    sizes = {key: layout[key] for key in FLAMINGO_SIZES}
-    model = Flamingo(lm, media_token_id=image_id, vision_encoder=encoder, **sizes)
-    model.load_trained(str(path))
+    model = flamingo_from_layout(layout, path, lm, encoder)
     end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
     return hf_chat_model(model, tokenizer, transform, eos_token_id=end_of_chunk_id, max_images=max_images)
-
-
-FLAMINGO_SIZES = ("media_dim", "cross_attn_layers", "dim_head", "heads", "ff_mult", "perceiver_depth")
-FLAMINGO_SIZES += ("perceiver_num_latents", "perceiver_num_time_embeds", "only_attend_immediate_media")
-FLAMINGO_SIZES += ("train_token_ids",)
-
-
-def saved_layout(path: Path) -> dict:
-    """The layout ``save_trained`` recorded in ``path``, with ``ff_mult`` read off the weights' shapes."""
-    from safetensors import safe_open
-
-    from flamingo_pytorch.trained_weights import FORMAT
-
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise SystemExit(f"{path} was not written by save_trained (for OpenFlamingo's, use --openflamingo)")
-        layout = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
-        hidden = file.get_slice("gated_cross_attn.0.ff.1.weight").get_shape()[0]  # (dim * ff_mult, dim)
-    if layout["model"] != "Flamingo":
-        raise SystemExit(f"{path} holds a {layout['model']}'s weights; --flamingo loads a Flamingo")
-    layout["ff_mult"] = hidden // layout["dim"]
-    return layout
-
-
-def load_vision(name: str, pretrained: str | None):
-    """``--encoder`` -> (encoder, PIL image -> (c, H, W) tensor, the encoder's own preprocessing)."""
-    if name.startswith("open_clip:"):
-        import open_clip
-
-        clip, _, transform = open_clip.create_model_and_transforms(name[len("open_clip:") :], pretrained=pretrained)
-        return clip.visual, transform
-    from transformers import AutoImageProcessor, AutoModel
-
-    processor = AutoImageProcessor.from_pretrained(name)
-
-    def transform(image) -> torch.Tensor:
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]  # (c, H, W)
-
-    return AutoModel.from_pretrained(name), transform
 
 
 def build_chat_model(args: argparse.Namespace) -> ChatModel:

@@ -146,3 +146,32 @@ def safetensors_package():
     except ModuleNotFoundError as error:
         raise ImportError('trained weights are safetensors files: pip install "flamingo-pytorch[examples]"') from error
     return safetensors
+
+
+def saved_layout(path: str | Path) -> dict[str, Any] | None:
+    """The layout ``save_trained`` recorded in ``path`` (with ``ff_mult`` read off its shapes), or None for
+    a file it did not write (an OpenFlamingo checkpoint, say). Raises ValueError for a FlamingoPaLM's file."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    with safetensors_package().safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            return None
+        saved = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
+        hidden = file.get_slice("gated_cross_attn.0.ff.1.weight").get_shape()[0]  # (dim * ff_mult, dim)
+    if saved["model"] != "Flamingo":
+        raise ValueError(f"{path} holds a {saved['model']}'s weights, not a Flamingo's")
+    saved["ff_mult"] = hidden // saved["dim"]
+    return saved
+
+
+def flamingo_from_layout(saved: dict[str, Any], path: str | Path, lm: nn.Module, encoder: nn.Module | None):
+    """A ``Flamingo`` over ``lm`` and ``encoder`` built as the file's layout (``saved_layout``) says, its
+    weights loaded, in eval mode."""
+    from flamingo_pytorch.flamingo import Flamingo
+
+    keys = ("media_dim", "cross_attn_layers", "dim_head", "heads", "ff_mult", "perceiver_depth")
+    keys += ("perceiver_num_latents", "perceiver_num_time_embeds", "only_attend_immediate_media", "train_token_ids")
+    model = Flamingo(lm, media_token_id=saved["media_token_id"], vision_encoder=encoder, **{k: saved[k] for k in keys})
+    model.load_trained(str(path))
+    return model.eval()

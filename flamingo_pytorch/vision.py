@@ -103,3 +103,25 @@ def patch_features(out) -> Tensor:
         got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"the vision encoder must return (B, p, e) or (B, e) features, got {got}")
     return out[:, None] if out.ndim == 2 else out  # (B, e) -> (B, 1, e)
+
+
+def load_vision_encoder(name: str, pretrained: str | None = None):
+    """A vision encoder by name -> (encoder in eval mode, PIL image -> (c, H, W) tensor: its own preprocessing).
+
+    ``open_clip:ARCH`` is an open_clip model (``pretrained``: its tag or a local file), returning its
+    ``visual`` tower; any other name is a transformers vision model and its image processor. Downloads
+    what those libraries download (extras ``clip`` and ``hf``).
+    """
+    if name.startswith("open_clip:"):
+        import open_clip
+
+        clip, _, transform = open_clip.create_model_and_transforms(name[len("open_clip:") :], pretrained=pretrained)
+        return clip.visual.eval(), transform
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(name)
+
+    def transform(image) -> Tensor:
+        return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]  # (c, H, W)
+
+    return AutoModel.from_pretrained(name).eval(), transform

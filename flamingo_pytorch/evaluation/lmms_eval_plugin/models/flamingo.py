@@ -197,11 +197,13 @@ def load_eval_model(
 
     from flamingo_pytorch.openflamingo import add_openflamingo_tokens, load_openflamingo
     from flamingo_pytorch.tokens import add_flamingo_tokens
+    from flamingo_pytorch.trained_weights import flamingo_from_layout, saved_layout
+    from flamingo_pytorch.vision import load_vision_encoder
 
     layout = saved_layout(checkpoint)
     text = AutoTokenizer.from_pretrained(tokenizer or lm, trust_remote_code=trust_remote_code)
     language_model = AutoModelForCausalLM.from_pretrained(lm, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    encoder, transform = load_vision(vision, vision_pretrained) if vision is not None else (None, None)
+    encoder, transform = load_vision_encoder(vision, vision_pretrained) if vision is not None else (None, None)
     if encoder is None:
         raise ValueError("vision= is needed: the vision encoder the checkpoint was trained with")
     encoder = encoder.to(DTYPES[dtype])
@@ -214,52 +216,3 @@ def load_eval_model(
     else:
         model = flamingo_from_layout(layout, checkpoint, language_model, encoder)
     return EvalModel(model.to(device), text, transform, device=torch.device(device))
-
-
-def saved_layout(checkpoint: str) -> dict | None:
-    """The layout ``save_trained`` recorded in the file (with ``ff_mult`` read off its shapes), or
-    None for a file it did not write (an OpenFlamingo checkpoint)."""
-    from flamingo_pytorch.trained_weights import FORMAT, safetensors_package
-
-    if not checkpoint.endswith(".safetensors"):
-        return None
-    with safetensors_package().safe_open(checkpoint, framework="pt") as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            return None
-        layout = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
-        hidden = file.get_slice("gated_cross_attn.0.ff.1.weight").get_shape()[0]  # (dim * ff_mult, dim)
-    if layout["model"] != "Flamingo":
-        raise ValueError(f"{checkpoint} holds a {layout['model']}'s weights; the plugin loads a Flamingo")
-    layout["ff_mult"] = hidden // layout["dim"]
-    return layout
-
-
-def flamingo_from_layout(layout: dict, checkpoint: str, lm, encoder):
-    """A ``Flamingo`` over ``lm`` and ``encoder`` built as the file's layout says, its weights loaded."""
-    from flamingo_pytorch.flamingo import Flamingo
-
-    keys = ("media_dim", "cross_attn_layers", "dim_head", "heads", "ff_mult", "perceiver_depth")
-    keys += ("perceiver_num_latents", "perceiver_num_time_embeds", "only_attend_immediate_media", "train_token_ids")
-    sizes = {key: layout[key] for key in keys}
-    model = Flamingo(lm, media_token_id=layout["media_token_id"], vision_encoder=encoder, **sizes)
-    model.load_trained(checkpoint)
-    return model.eval()
-
-
-def load_vision(vision: str, pretrained: str | None):
-    """``vision=`` -> (encoder, PIL -> (c, H, W) transform)."""
-    if vision.startswith("open_clip:"):
-        import open_clip
-
-        name = vision.removeprefix("open_clip:")
-        clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        return clip.visual.eval(), transform
-    from transformers import AutoImageProcessor, AutoModel
-
-    processor = AutoImageProcessor.from_pretrained(vision)
-
-    def transform(image):
-        return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]  # (c, H, W)
-
-    return AutoModel.from_pretrained(vision).eval(), transform
