@@ -89,6 +89,9 @@ class Conversation:
         self.length = 0
         self.positions, self.media_count = torch.zeros_like(self.positions), torch.zeros_like(self.media_count)
 
+    def check_turn(self, attention_mask: Tensor | None) -> None:
+        """Subclasses refuse turns their decoder cannot place (before anything changes)."""
+
     def run(self, model: nn.Module, text: Tensor, positions: Tensor, start: int) -> Tensor:
         """Run new tokens text (b, n) at slots start..start+n-1 (positions (b, n)) through the decoder,
         appending to its caches -> the last position's logits (b, v). Slots, ``valid``, ``media_count``
@@ -160,6 +163,15 @@ class LanguageModelConversation(Conversation):
         self.pass_positions = "position_ids" in accepted
         self.keep_last_logits = "logits_to_keep" in accepted
         self.cache_keyword = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.25: cache
+        if not self.pass_positions and batch > 1:
+            raise ValueError(
+                f"{type(model.lm).__name__}.forward takes no position_ids, so the rows of a batch could not each keep "
+                f"their own positions across padding: hold its conversations one at a time (batch 1, got {batch})"
+            )
+
+    def check_turn(self, attention_mask: Tensor | None) -> None:
+        if not self.pass_positions and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("a language model whose forward takes no position_ids holds conversations without padding")
 
     def restart(self) -> None:
         super().restart()
@@ -238,6 +250,7 @@ def extend(
         raise ValueError("text must hold at least one token")
     check_same_device("text", text, "the state", state.valid)
     check_attention_mask(attention_mask, text)
+    state.check_turn(attention_mask)
     time_mask = media.get("time_mask")
     resampled = encode_new_media(model, state, text, media)  # (b, t, m, e) or None; checks the media
     check_turn_media_tokens(model, state, text, media, resampled, attention_mask)

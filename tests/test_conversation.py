@@ -20,7 +20,7 @@ MEDIA = TINY["media_token_id"]
 PAD = 0
 
 
-def flamingo_over_llama() -> Flamingo:
+def flamingo_over_llama(lm_class=None) -> Flamingo:
     config = transformers.LlamaConfig(
         vocab_size=TINY["num_tokens"],
         hidden_size=32,
@@ -32,7 +32,7 @@ def flamingo_over_llama() -> Flamingo:
         pad_token_id=PAD,
         initializer_range=0.3,  # sharp attention: a wrong position or a leaked slot shows in the logits
     )
-    lm = transformers.LlamaForCausalLM(config)
+    lm = (lm_class or transformers.LlamaForCausalLM)(config)
     sizes = dict(dim_head=8, heads=4, ff_mult=2, perceiver_depth=1, perceiver_num_latents=4)
     return Flamingo(lm, media_token_id=MEDIA, vision_encoder=tiny_image_encoder(), perceiver_num_time_embeds=4, **sizes)
 
@@ -225,3 +225,31 @@ def test_a_model_continues_only_its_own_conversations():
         flamingo.extend(palm.prefill(text, pixels(1, 1)), text)
     with pytest.raises(TypeError, match="GenerationState"):
         palm.generate_from(flamingo.prefill(text, pixels(1, 1)), max_new_tokens=1)
+
+
+def test_a_language_model_without_position_ids_holds_conversations_one_at_a_time():
+    """Without position_ids a padded row's positions could not be kept: batches refuse, batch 1 is exact."""
+
+    class NoPositions(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, logits_to_keep=0):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+            )  # fmt: skip
+
+    torch.manual_seed(0)
+    model = flamingo_over_llama(NoPositions)
+    open_gates(model, 0.8)
+    model.eval()
+    with pytest.raises(ValueError, match="position_ids"):
+        model.prefill(torch.tensor([[MEDIA, 10], [MEDIA, 11]]), pixels(2, 1))
+    row, text, images = Row(), torch.tensor([[MEDIA, 10, 11]]), pixels(1, 1)
+    state = model.prefill(text, images)
+    row.add(text[0], images[0])
+    check_turn(model, state, [row])
+    with pytest.raises(ValueError, match="without padding"):
+        model.extend(state, torch.tensor([[PAD, 12]]), attention_mask=torch.tensor([[False, True]]))
+    text = torch.tensor([[MEDIA, 12]])
+    model.extend(state, text, images := pixels(1, 1))
+    row.add(text[0], images[0])
+    check_turn(model, state, [row])
