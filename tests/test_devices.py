@@ -127,7 +127,7 @@ def test_flamingo_over_a_low_precision_lm_on_the_gpu_lives_and_runs_there(dtype)
 def test_a_conversation_over_a_bf16_lm_on_the_gpu_agrees_with_full_forwards():
     """Two turns (the second with a new image) over a bf16 Llama on the GPU: everything stays there, and the
     logits each greedy token is chosen from lie within 4 bf16 eps of the largest logit of a full forward
-    (the bound tests/test_families.py derives for two decoder layers and two gated blocks)."""
+    (the bound tests/full_size.py derives for two decoder layers and two gated blocks)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
