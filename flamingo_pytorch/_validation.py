@@ -145,3 +145,23 @@ def check_media_tokens(
         "the k-th <image> token reads the k-th item, so give each token one item (mark padded items False in "
         "time_mask), or pass no media at all for text alone"
     )
+
+
+def check_text(text: object, name: str = "text") -> None:
+    """Token ids must be a (b, n) integer tensor."""
+    if not isinstance(text, Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(text).__name__}")
+    check_ndim(name, text, (2,), "(batch, text length)")
+    if text.dtype.is_floating_point or text.dtype.is_complex or text.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {text.dtype}")
+
+
+def check_attention_mask(attention_mask: Tensor | None, text: Tensor) -> None:
+    """A (b, n) bool mask over ``text``, left-padded: the last position of every row is real."""
+    if attention_mask is None:
+        return
+    check_bool("attention_mask", attention_mask)
+    check_shape("attention_mask", attention_mask, tuple(text.shape), "(batch, text length)")
+    check_same_device("attention_mask", attention_mask, "text", text)
+    if text.shape[1] and not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask must be left-padded: the last position of every row must be True")

@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_bool, check_media_tokens, check_ndim, check_same_device, check_shape
+from flamingo_pytorch._validation import check_attention_mask, check_media_tokens, check_same_device, check_text
 from flamingo_pytorch.language_model import cache_of
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
@@ -205,29 +205,10 @@ def generation_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def check_text(text: object, name: str = "text") -> None:
-    """Token ids must be a (b, n) integer tensor."""
-    if not isinstance(text, Tensor):
-        raise TypeError(f"{name} must be a tensor of token ids, got {type(text).__name__}")
-    check_ndim(name, text, (2,), "(batch, text length)")
-    if text.dtype.is_floating_point or text.dtype.is_complex or text.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {text.dtype}")
-
-
 def check_state(state: object, expected: type) -> None:
     """A model continues only its own kind of conversation (``model.conversation_type``, from its ``prefill``)."""
     if not isinstance(state, expected):
         raise TypeError(f"state must be a {expected.__name__} (from prefill), got {type(state).__name__}")
-
-
-def check_attention_mask(attention_mask: Tensor | None, text: Tensor) -> None:
-    if attention_mask is None:
-        return
-    check_bool("attention_mask", attention_mask)
-    check_shape("attention_mask", attention_mask, tuple(text.shape), "(batch, text length)")
-    check_same_device("attention_mask", attention_mask, "text", text)
-    if text.shape[1] and not bool(attention_mask[:, -1].all()):
-        raise ValueError("attention_mask must be left-padded: the last position of every row must be True")
 
 
 def extend(
@@ -397,3 +378,41 @@ def generate_from(model: nn.Module, state: Conversation, settings: SamplingSetti
     with generation_mode(model):
         new = sample_loop(model, state, settings, conversation=True, streamer=streamer)
     return new.clone()  # a normal tensor, usable in autograd code
+
+
+class Conversing:
+    """``generate_from``, the same on both models (a mixin of ``FlamingoPaLM`` and ``Flamingo``, whose
+    ``prefill`` and ``extend`` start and continue the conversation)."""
+
+    def generate_from(
+        self,
+        state: Conversation,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ) -> Tensor:
+        """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens).
+
+        The reply is appended to ``state`` so that ``extend`` can continue after it; tokens a row
+        emits after ``eos_token_id`` are ``pad_token_id`` and are left out of the conversation.
+
+        Args:
+            state: from this model's ``prefill``.
+            max_new_tokens: how many tokens to sample per row.
+            temperature: softmax temperature; 0 is greedy decoding.
+            top_k: sample among the k most likely tokens only.
+            top_p: sample among the most likely tokens whose probability reaches top_p.
+            eos_token_id: a row that emits it is finished; its later tokens are ``pad_token_id``.
+            pad_token_id: filler after ``eos_token_id``.
+            generator: a torch.Generator, for reproducible sampling.
+            streamer: a transformers streamer (``TextIteratorStreamer``...), or any object with ``put``
+                and ``end``: it gets the conversation so far (b, j), then each new token (b,), then ``end()``.
+        """
+        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
+        return generate_from(self, state, settings, streamer)

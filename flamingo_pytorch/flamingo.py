@@ -28,8 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_pytorch import conversation
-from flamingo_pytorch._validation import check_count, check_media_tokens, check_ndim, check_positive, check_time_mask
-from flamingo_pytorch.conversation import LanguageModelConversation
+from flamingo_pytorch._validation import (
+    check_count,
+    check_media_tokens,
+    check_ndim,
+    check_positive,
+    check_text,
+    check_time_mask,
+)
+from flamingo_pytorch.conversation import Conversing, LanguageModelConversation
 from flamingo_pytorch.fusion import FusionLayer, MediaCounts, MediaState, compute_in, resampler_and_blocks
 from flamingo_pytorch.language_model import (
     check_input_ids,
@@ -37,12 +44,11 @@ from flamingo_pytorch.language_model import (
     decoder_width,
     find_decoder_layers,
 )
-from flamingo_pytorch.sampling import SamplingSettings
 from flamingo_pytorch.tokens import TrainedTokenRows
 from flamingo_pytorch.vision import VisionEncoder
 
 
-class Flamingo(nn.Module):
+class Flamingo(Conversing, nn.Module):
     """A frozen decoder-only language model that reads images through gated cross-attention.
 
     Args:
@@ -247,7 +253,7 @@ class Flamingo(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, suppress_tokens=suppressed, **generate_kwargs
             )
 
-    # -- conversations: the same three calls as FlamingoPaLM's, one implementation (conversation.py) --
+    # -- conversations: the same three calls as FlamingoPaLM's (generate_from: ``Conversing``) ------
 
     conversation_type = LanguageModelConversation
 
@@ -272,7 +278,7 @@ class Flamingo(nn.Module):
         Returns:
             A ``LanguageModelConversation``; its ``logits`` (b, v) are each row's next-token logits.
         """
-        conversation.check_text(input_ids, "input_ids")
+        check_text(input_ids, "input_ids")
         check_count("max_new_tokens", max_new_tokens)
         b, n = input_ids.shape
         state = LanguageModelConversation(self, batch=b, capacity=n + max_new_tokens, device=input_ids.device)
@@ -301,28 +307,6 @@ class Flamingo(nn.Module):
         media = dict(images=images, image_embeds=image_embeds, time_mask=time_mask)
         with conversation.generation_mode(self):
             return conversation.extend(self, state, input_ids, media, attention_mask)
-
-    def generate_from(
-        self,
-        state: LanguageModelConversation,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int = 0,
-        generator: torch.Generator | None = None,
-        streamer=None,
-    ) -> Tensor:
-        """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens), appended to it.
-
-        Arguments as in ``FlamingoPaLM.generate_from``: ``temperature=0`` is greedy; a row that emits
-        ``eos_token_id`` is finished, its later tokens are ``pad_token_id`` and stay out of the
-        conversation; ``streamer`` (e.g. transformers' ``TextIteratorStreamer``) gets the tokens as they come.
-        """
-        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
-        return conversation.generate_from(self, state, settings, streamer)
 
     @contextmanager
     def media(self, media: Tensor | None, time_mask: Tensor | None):

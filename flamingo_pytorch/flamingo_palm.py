@@ -19,9 +19,11 @@ from flamingo_pytorch._validation import (
     check_media_tokens,
     check_ndim,
     check_same_device,
+    check_text,
     check_time_mask,
 )
 from flamingo_pytorch.checkpointing import run_maybe_checkpointed
+from flamingo_pytorch.conversation import Conversing
 from flamingo_pytorch.fusion import resampler_and_blocks
 from flamingo_pytorch.generation import GenerationState
 from flamingo_pytorch.palm import PaLM
@@ -29,7 +31,7 @@ from flamingo_pytorch.sampling import SamplingSettings
 from flamingo_pytorch.vision import patch_features
 
 
-class FlamingoPaLM(nn.Module):
+class FlamingoPaLM(Conversing, nn.Module):
     """PaLM with Flamingo's visual side.
 
     A ``GatedCrossAttentionBlock`` sits before decoder layers 0, N, 2N, ... (N = ``cross_attn_every``),
@@ -186,7 +188,7 @@ class FlamingoPaLM(nn.Module):
                 with fewer tokens than items warns (UserWarning): the later items are read by no token.
                 Without media, media tokens are ordinary tokens (text-only training).
         """
-        self.check_text(text)
+        check_text(text)
         given = self.media_given(text, images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
         if given is not None:  # (text alone, as in stage 1: media tokens are ordinary tokens)
             noun = "videos" if given[0] == "videos" else "images"
@@ -199,11 +201,6 @@ class FlamingoPaLM(nn.Module):
         if torch.is_grad_enabled():  # evaluation under no_grad leaves the training setup alone
             self.set_flamingo_mode(media is not None)
         return self.decode(text, media, time_mask, labels)
-
-    def check_text(self, text: Tensor) -> None:
-        check_ndim("text", text, (2,), "(batch, text length)")
-        if text.dtype.is_floating_point or text.dtype == torch.bool:
-            raise TypeError(f"text must hold integer token ids, got dtype {text.dtype}")
 
     def encode_media(
         self,
@@ -400,26 +397,3 @@ class FlamingoPaLM(nn.Module):
         media = dict(images=images, image_embeds=image_embeds, videos=videos, time_mask=time_mask)
         with conversation.generation_mode(self):
             return conversation.extend(self, state, text, media, attention_mask)
-
-    def generate_from(
-        self,
-        state: GenerationState,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int = 0,
-        generator: torch.Generator | None = None,
-        streamer=None,
-    ) -> Tensor:
-        """Sample a reply from a conversation ``state`` -> new tokens (b, max_new_tokens).
-
-        The reply is appended to ``state`` so that ``extend`` can continue after it; tokens a row
-        emits after ``eos_token_id`` are ``pad_token_id`` and are left out of the conversation.
-        Sampling arguments as in ``generate``. ``streamer`` (a transformers streamer, or any object
-        with ``put`` and ``end``) gets the conversation so far (b, j), then each new token (b,).
-        """
-        settings = SamplingSettings(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
-        return conversation.generate_from(self, state, settings, streamer)

@@ -16,11 +16,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from flamingo_pytorch._validation import check_count
+from flamingo_pytorch._validation import check_attention_mask, check_count, check_text
 from flamingo_pytorch.conversation import (
     Conversation,
-    check_attention_mask,
-    check_text,
     extend,
     generation_mode,
     next_tokens,

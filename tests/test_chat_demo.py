@@ -357,30 +357,10 @@ def test_an_openflamingo_checkpoint_serves_through_the_demos_arguments(tmp_path,
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("open_flamingo", reason="pip install --no-deps open-flamingo==2.0.1")
     import chat_demo
-    from test_openflamingo import (
-        VISION_WIDTH,
-        FlamingoLMMixin,
-        TheirFlamingo,
-        extend_instance,
-        released,
-        stand_in_clip,
-        stand_in_lm,
-        stand_in_tokenizer,
-    )
+    from test_openflamingo import released, stand_in_clip, stand_in_lm, stand_in_tokenizer, their_factory_model
 
-    lm, tokenizer, (clip, _, _) = stand_in_lm(), stand_in_tokenizer(), stand_in_clip("ViT-L-14", "openai")
-    extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("transformer.blocks")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    lm.resize_token_embeddings(len(tokenizer))
-    clip.visual.output_tokens = True
-    ids = [tokenizer.encode(token)[-1] for token in ("<|endofchunk|>", "<image>")]
-    theirs = TheirFlamingo(clip, lm, *ids, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=1).eval()
-    with torch.no_grad():
-        for block in lm.gated_cross_attn_layers:
-            block.attn_gate.fill_(0.7)
-            block.ff_gate.fill_(0.4)
+    theirs = their_factory_model()
+    ids = [theirs.eoc_token_id, theirs.media_token_id]
     torch.save(released(theirs), tmp_path / "checkpoint.pt")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", stand_in_clip)

@@ -380,6 +380,24 @@ def stand_in_clip(name, pretrained):
     return tiny_clip(), None, to_tensor
 
 
+def their_factory_model() -> TheirFlamingo:
+    """OpenFlamingo's own model over the stand-in MPT and CLIP, built as its factory builds it, gates opened."""
+    lm, tokenizer, (clip, _, _) = stand_in_lm(), stand_in_tokenizer(), stand_in_clip("ViT-L-14", "openai")
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("transformer.blocks")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    lm.resize_token_embeddings(len(tokenizer))
+    clip.visual.output_tokens = True
+    ids = [tokenizer.encode(token)[-1] for token in ("<|endofchunk|>", "<image>")]
+    model = TheirFlamingo(clip, lm, *ids, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=1).eval()
+    with torch.no_grad():
+        for block in lm.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.7)
+            block.ff_gate.fill_(0.4)
+    return model
+
+
 def test_the_docs_block_with_local_stand_ins(tmp_path, monkeypatch):
     """docs/openflamingo.md's OpenFlamingo-3B block as written, with tiny local models where it downloads:
     the checkpoint is OpenFlamingo's own model over the same tiny MPT, built as its factory does."""
@@ -391,20 +409,9 @@ def test_the_docs_block_with_local_stand_ins(tmp_path, monkeypatch):
     theirs = {}
 
     def download(repo_id, filename):
-        lm, tokenizer, (clip, _, _) = stand_in_lm(), stand_in_tokenizer(), stand_in_clip("ViT-L-14", "openai")
-        extend_instance(lm, FlamingoLMMixin)
-        lm.set_decoder_layers_attr_name("transformer.blocks")
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-        lm.resize_token_embeddings(len(tokenizer))
-        clip.visual.output_tokens = True
-        ids = [tokenizer.encode(token)[-1] for token in ("<|endofchunk|>", "<image>")]
-        model = TheirFlamingo(clip, lm, *ids, vis_dim=VISION_WIDTH, cross_attn_every_n_layers=1).eval()
+        model = their_factory_model()
         with torch.no_grad():
-            for block in lm.gated_cross_attn_layers:
-                block.attn_gate.fill_(0.7)
-                block.ff_gate.fill_(0.4)
-            lm.get_input_embeddings().weight[-3:] = torch.randn(3, 32)
+            model.lang_encoder.get_input_embeddings().weight[-3:] = torch.randn(3, 32)
         theirs["model"] = model
         torch.save(released(model), tmp_path / filename)
         return str(tmp_path / filename)
