@@ -202,3 +202,15 @@ def write_json(name: str, args: argparse.Namespace, payload: dict) -> Path:
     path.write_text(json.dumps({"machine": machine_info(args), **payload}, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+def write_rows(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows of an in-process comparison (hf_generation.py, conversation.py), with the run's arguments
+    and the machine: CPU, torch and transformers versions, torch's threads."""
+    import transformers
+
+    machine = {"cpu": cpu_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    machine["threads"] = torch.get_num_threads()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": {**vars(args), "out": str(path)}, "machine": machine, "rows": rows}))
+    print(f"wrote {path}")

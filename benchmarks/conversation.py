@@ -19,8 +19,6 @@ benchmarks/results/conversation.json (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import open_flamingo  # noqa: F401  (fail here, before building anything, when it is missing)
 import openflamingo_generation as theirs
 import torch
-import transformers
+from common import write_rows
 from openflamingo_sizes import MEDIA
 
 from flamingo_pytorch import Flamingo
@@ -105,11 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['regenerate_s']:10.3f}  {row['vs_regenerate']:8.2f}  {row['openflamingo_s']:12.3f}  "
             f"{row['vs_openflamingo']:8.2f}  {row['same_replies']!s:>12}"
         )
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    machine.update(transformers=transformers.__version__, threads=torch.get_num_threads())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "machine": machine, "rows": rows}))
-    print(f"wrote {args.out}")
+    write_rows(args.out, args, rows)
     return rows
 
 

@@ -21,8 +21,6 @@ benchmarks/results/hf_generation.json (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +29,7 @@ from pathlib import Path
 import open_flamingo  # noqa: F401  (fail here, before building anything, when it is missing)
 import openflamingo_generation as theirs
 import torch
-import transformers
+from common import write_rows
 from openflamingo_sizes import COUNTS, END_OF_CHUNK, MEDIA, prompts
 
 from flamingo_pytorch import Flamingo
@@ -107,11 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['images']:6d}  {once:7.2f}  {every:13.2f}  {row['speedup']:8.2f}  {other:15.2f}  "
             f"{row['openflamingo_speedup']:8.2f}  {row['same_tokens']:>11}"
         )
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    machine.update(transformers=transformers.__version__, threads=torch.get_num_threads())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "machine": machine, "rows": rows}))
-    print(f"wrote {args.out}")
+    write_rows(args.out, args, rows)
     return rows
 
 
