@@ -253,3 +253,20 @@ def test_a_language_model_without_position_ids_holds_conversations_one_at_a_time
     model.extend(state, text, images := pixels(1, 1))
     row.add(text[0], images[0])
     check_turn(model, state, [row])
+
+
+def test_a_conversation_over_mpt_equals_full_forwards():
+    """MPT (OpenFlamingo-3B's language model; ALiBi, no position_ids), one conversation at a time."""
+    torch.manual_seed(0)
+    config = transformers.MptConfig(vocab_size=TINY["num_tokens"], d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    lm = transformers.MptForCausalLM(config)
+    sizes = dict(dim_head=8, heads=4, perceiver_depth=1, perceiver_num_latents=4, perceiver_num_time_embeds=4)
+    model = Flamingo(lm, media_token_id=MEDIA, vision_encoder=tiny_image_encoder(), **sizes)
+    open_gates(model, 0.8)
+    model.eval()
+    row, state = Row(), None
+    for text in (torch.tensor([[MEDIA, 10, 11]]), torch.tensor([[12, MEDIA, 13]])):
+        images = pixels(1, 1)
+        state = model.prefill(text, images) if state is None else model.extend(state, text, images)
+        row.add(text[0], images[0])
+        check_turn(model, state, [row])
