@@ -4,7 +4,7 @@ The server is model-agnostic: it takes a ``ChatModel``, the model plus how to tu
 ids and back and an image into a tensor. ``examples/chat_demo.py`` builds one for the shapes demo,
 for OpenFlamingo checkpoints and for ``save_trained`` files.
 
-Each browser session holds one conversation (a ``GenerationState``: ``prefill`` for its first turn,
+Each browser session holds one conversation (the model's ``prefill`` for its first turn,
 ``extend`` for the next ones, ``generate_from`` for each reply). One lock per model serializes the
 turns of all sessions: a request waits for the one before it, none runs beside it on the model.
 
@@ -215,13 +215,11 @@ class ChatService:
     def __init__(self, chat: ChatModel):
         self.chat = chat
         self.lock = threading.Lock()  # one generation at a time on the model; the others wait their turn
-        self.sessions: OrderedDict[str, object] = OrderedDict()  # session -> GenerationState
-        self.image_counts: dict[str, int] = {}
+        self.sessions: OrderedDict[str, object] = OrderedDict()  # session -> its conversation (prefill's state)
 
     def clear(self, session: str) -> None:
         with self.lock:
             self.sessions.pop(session, None)
-            self.image_counts.pop(session, None)
 
     def reply(
         self,
@@ -244,7 +242,7 @@ class ChatService:
         images = [chat.image_tensor(picture) for picture in pictures]
         with self.lock:
             state = self.sessions.get(session)
-            earlier = self.image_counts.get(session, 0)
+            earlier = 0 if state is None else state.num_media  # the chat never pads: one slot per image
             if chat.max_images is not None and earlier + len(images) > chat.max_images:
                 raise ChatError(
                     f"this model reads at most {chat.max_images} images per conversation; it has {earlier} and "
@@ -261,10 +259,8 @@ class ChatService:
                 raise ChatError(str(error)) from None
             self.sessions[session] = state
             self.sessions.move_to_end(session)
-            self.image_counts[session] = earlier + len(images)
             while len(self.sessions) > MAX_SESSIONS:
-                dropped, _ = self.sessions.popitem(last=False)
-                self.image_counts.pop(dropped, None)
+                self.sessions.popitem(last=False)
             return self.generate(state, settings, TokenStreamer(chat, on_start, on_token))
 
     def generate(self, state, settings: Settings, streamer: TokenStreamer) -> list[int]:

@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flamingo_pytorch._validation import check_attention_mask, check_media_tokens, check_same_device, check_text
-from flamingo_pytorch.language_model import cache_of
+from flamingo_pytorch.language_model import cache_keyword, cache_of
 from flamingo_pytorch.sampling import SamplingSettings, sample_next_token
 
 MEDIA_NAMES = ("images", "image_embeds", "videos")
@@ -162,7 +162,7 @@ class LanguageModelConversation(Conversation):
         accepted = inspect.signature(model.lm.forward).parameters
         self.pass_positions = "position_ids" in accepted
         self.keep_last_logits = "logits_to_keep" in accepted
-        self.cache_keyword = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.25: cache
+        self.cache_keyword = cache_keyword(model.lm)
         if not self.pass_positions and batch > 1:
             raise ValueError(
                 f"{type(model.lm).__name__}.forward takes no position_ids, so the rows of a batch could not each keep "

@@ -7,6 +7,8 @@ Shapes:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,12 @@ def cache_of(values: dict) -> object | None:
         if cache is not None:
             return cache
     return None
+
+
+def cache_keyword(lm: nn.Module) -> str:
+    """The keyword ``lm``'s forward takes its key/value cache by: ``cache`` since transformers 5.25,
+    ``past_key_values`` before it (and in remote code)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def tokens_in_cache(lm_kwargs: dict) -> int:

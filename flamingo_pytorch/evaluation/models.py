@@ -21,7 +21,6 @@ per batch, not once per class:
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from flamingo_pytorch.evaluation.datasets import load_image
 from flamingo_pytorch.evaluation.prompts import END_OF_CHUNK, IMAGE
-from flamingo_pytorch.language_model import cache_of
+from flamingo_pytorch.language_model import cache_keyword, cache_of
 
 MAX_PROMPT_TOKENS = 2000  # OpenFlamingo's truncation length
 WITHHOLD = ("blank", "none")  # controls: zero images in place of the real ones, or no images at all
@@ -205,7 +204,7 @@ class EvalModel:
             last = prompt.logits[:, -1:]  # (b, 1, v)
             if not hasattr(cache, "crop"):  # a cache that cannot be cut back: the whole prompt per class
                 return self.uncached_scores(input_ids, attention_mask, images, time_mask, tokens, score)
-            keyword = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
+            keyword = cache_keyword(model.lm)
             for name in tokens:
                 name = name.expand(b, -1)  # (b, L)
                 logits = last
