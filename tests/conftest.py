@@ -96,3 +96,20 @@ def fsdp2_available() -> bool:
     except ImportError:
         return False
     return torch.distributed.is_available()
+
+
+def reply_with_logits(model: nn.Module, state, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate_from`` on a conversation ``state`` -> (the reply (b, steps), the logits each of its
+    tokens was chosen from (b, steps, v)): a streamer sees each token before it is fed back, while
+    ``state.logits`` are still the ones it came from (its first ``put`` is the conversation so far)."""
+    chosen_from = []
+
+    class Recorder:
+        def put(self, value: torch.Tensor) -> None:
+            chosen_from.append(state.logits.clone())
+
+        def end(self) -> None:
+            pass
+
+    reply = model.generate_from(state, max_new_tokens=steps, temperature=0, streamer=Recorder())
+    return reply, torch.stack(chosen_from[1:], dim=1)

@@ -14,7 +14,7 @@ import gc
 
 import pytest
 import torch
-from conftest import open_gates
+from conftest import open_gates, reply_with_logits
 from torch import Tensor, nn
 
 from flamingo_pytorch import Flamingo
@@ -149,17 +149,7 @@ def check_conversation(model: Flamingo, text: Tensor, media: dict, steps: int = 
     (name, given), time_mask = next((k, v) for k, v in media.items() if k != "time_mask"), media["time_mask"]
     state = model.prefill(text[:, :5], **{name: given[:, :1]}, time_mask=time_mask[:, :1])
     model.extend(state, text[:, 5:], **{name: given[:, 1:]}, time_mask=time_mask[:, 1:])
-    chosen_from = []
-
-    class Recorder:  # sees each token as it is streamed, before it is fed back
-        def put(self, value: Tensor) -> None:
-            chosen_from.append(state.logits.clone())
-
-        def end(self) -> None:
-            pass
-
-    reply = model.generate_from(state, max_new_tokens=steps, temperature=0, streamer=Recorder())
-    cached = torch.stack(chosen_from[1:], dim=1)  # (b, steps, V); the first put is the conversation so far
+    reply, cached = reply_with_logits(model, state, steps)  # (b, steps), (b, steps, V)
     check_steps_against_full_forward(model, cached, torch.cat((text, reply), dim=1), text.shape[1], media)
 
 

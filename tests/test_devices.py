@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TINY, dense_and_segmented, greedy_by_full_forward, open_gates, tiny_image_encoder
+from conftest import (
+    IMAGE_SIZE,
+    TINY,
+    dense_and_segmented,
+    greedy_by_full_forward,
+    open_gates,
+    reply_with_logits,
+    tiny_image_encoder,
+)
 
 from flamingo_pytorch import Flamingo, FlamingoPaLM, GatedCrossAttentionBlock, MaskedCrossAttention
 
@@ -138,23 +146,14 @@ def test_a_conversation_over_a_bf16_lm_on_the_gpu_agrees_with_full_forwards():
     open_gates(model, 0.5)
     first, second = torch.tensor([[MEDIA, 10, 11]], device="cuda"), torch.tensor([[MEDIA, 12]], device="cuda")
     embeds = torch.randn(1, 2, 5, 32, device="cuda")
-    chosen_from = []
-
-    class Recorder:
-        def put(self, value):
-            chosen_from.append(state.logits.float())
-
-        def end(self):
-            pass
-
     state = model.prefill(first, image_embeds=embeds[:, :1])
     reply = model.generate_from(state, max_new_tokens=3, temperature=0)
     model.extend(state, second, image_embeds=embeds[:, 1:])
     assert state.logits.device.type == "cuda" and state.cache is not None
-    more = model.generate_from(state, max_new_tokens=3, temperature=0, streamer=Recorder())
+    more, cached = reply_with_logits(model, state, 3)  # (1, 3), (1, 3, v)
     tokens = torch.cat((first, reply, second, more), dim=1)
     with torch.no_grad():
         full = model(tokens, image_embeds=embeds).logits[0, -4:-1].float()  # (3, v): where `more` was chosen
-    cached = torch.cat(chosen_from[1:])  # (3, v)
+    cached = cached[0].float()  # (3, v)
     bound = 4 * torch.finfo(torch.bfloat16).eps * full.abs().amax(dim=-1, keepdim=True)
     assert ((cached - full).abs() <= bound).all()
